@@ -1,0 +1,1 @@
+"""Offline benchmarks that reproduce the paper's measurements on this machine."""

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# System packages the project needs (Debian, as root). Idempotent: installs only what is missing.
+#   python3, python3-venv  the interpreter and venv for .venv/ (torch==2.13.0 is a cp311 wheel)
+#   redis-server           the adapter registry; tests start their own on a free loopback port
+set -euo pipefail
+
+need=()
+command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v redis-server >/dev/null || need+=(redis-server)
+
+if ((${#need[@]})); then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing system packages: ${need[*]} — run as root (or: sudo apt-get install -y ${need[*]})" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi

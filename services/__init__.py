@@ -1,0 +1,1 @@
+"""flora-gateway services: the engine (torch only) and the edges around it."""

@@ -1,0 +1,125 @@
+"""The multi-adapter kernel paths, plain torch.
+
+Every kernel works on one pool group of the sorted batch (`adapter_batch`): rows
+[g.start, g.end) of x [T, d_in] and y [T, d_out]. The oracle for all of them is
+`reference.reference_row`; the tests compare every path against it.
+
+Shapes: n = g.end - g.start rows, R = the pool's rank capacity, S = slots in the
+pool, U = distinct adapters among the n rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from services.engine.adapter_batch import KernelPath, PoolGroup
+from services.engine.adapter_slots import FloraPool, Ia3Pool, LoraPool, PoolStorage
+
+# FLoRA stacks several rank terms into one GEMM of (terms · n) rows; past this many
+# rows the stacked copy [terms, n, d_in] costs more memory than the bigger GEMM gains.
+FLORA_STACKED_ROWS = 4096
+
+
+def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Semantics: out = x @ weight.T + bias, written in place (out may be a row slice of y)."""
+    if bias is None:
+        torch.mm(x, weight.T, out=out)
+    else:
+        torch.addmm(bias, x, weight.T, out=out)
+
+
+def flora(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: FloraPool, g: PoolGroup) -> None:
+    """Semantics: y[t] = Σ_r a[r, s_t] ∘ ((x[t] ∘ b[r, s_t]) @ W0ᵀ) + bias   (paper eq. 5-6)
+
+    = x[t] @ (W0 ∘ (B A)ᵀ)ᵀ + bias. Per row, b/a are gathered by slot; the R rank
+    terms become R·n rows through the one shared W0 (stacked into as few GEMMs as
+    FLORA_STACKED_ROWS allows), so the cost is R base GEMMs whatever the adapter mix.
+    """
+    xs, out = x[g.start : g.end], y[g.start : g.end]  # [n, d_in], [n, d_out]
+    rank = pool.b.shape[0]
+    chunk = max(1, FLORA_STACKED_ROWS // len(xs))
+    for r0 in range(0, rank, chunk):
+        b = pool.b[r0 : r0 + chunk].index_select(1, g.slots)  # [c, n, d_in]
+        a = pool.a[r0 : r0 + chunk].index_select(1, g.slots)  # [c, n, d_out]
+        terms = torch.matmul(xs * b, weight.T).mul_(a).sum(0)  # [n, d_out]
+        out.copy_(terms) if r0 == 0 else out.add_(terms)
+    if bias is not None:
+        out.add_(bias)
+
+
+def flora_segment(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: FloraPool, g: PoolGroup) -> None:
+    """Semantics: same as `flora`, computed per adapter segment with the merged weight
+
+    W_s = W0 ∘ (B_s A_s)ᵀ, y[seg] = x[seg] @ W_sᵀ + bias. Costs R·d_in·d_out to merge
+    plus one GEMM of the segment's rows: far cheaper than `flora` when each adapter
+    has many rows (prefill), far dearer when every row is its own adapter.
+    """
+    for seg in g.segments:
+        delta_t = pool.a[:, seg.slot].T @ pool.b[:, seg.slot]  # [d_out, R] @ [R, d_in] = (B A)ᵀ
+        linear_into(y[seg.start : seg.end], x[seg.start : seg.end], weight * delta_t, bias)
+
+
+def lora_bmm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
+    """Semantics: y[t] += (x[t] @ a[s_t]ᵀ) @ b[s_t]   (b holds scale · lora_Bᵀ)
+
+    The paper's baseline (appendix A.2): every row's A and B are gathered into
+    [n, R, d] copies and applied with two torch.bmm.
+    """
+    a = pool.a.index_select(0, g.slots)  # [n, R, d_in]
+    b = pool.b.index_select(0, g.slots)  # [n, R, d_out]
+    h = torch.bmm(x[g.start : g.end].unsqueeze(1), a.transpose(1, 2))  # [n, 1, R]
+    y[g.start : g.end] += torch.bmm(h, b).squeeze(1)
+
+
+def lora_gather(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
+    """Semantics: y[t] += (x[t] @ a[s_t]ᵀ) @ b[s_t]
+
+    BGMV-style (Punica / vLLM's torch reference of bgmv_shrink/bgmv_expand): each
+    token gathers its adapter's rows and does a matrix-vector product, written as
+    einsum. On the GPU a fused BGMV kernel reads the stacked weights in place; in
+    plain torch the gather materializes, so the cost model measures it as it is.
+    """
+    a = pool.a.index_select(0, g.slots)  # [n, R, d_in]
+    b = pool.b.index_select(0, g.slots)  # [n, R, d_out]
+    h = torch.einsum("nd,nrd->nr", x[g.start : g.end], a)  # [n, R]   shrink
+    y[g.start : g.end] += torch.einsum("nr,nro->no", h, b)  # [n, d_out] expand
+
+
+def lora_segment(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
+    """Semantics: y[t] += (x[t] @ a[s_t]ᵀ) @ b[s_t]
+
+    SGMV-style (Punica / S-LoRA): rows are grouped by adapter (they already are,
+    see adapter_batch), one shrink GEMM and one expand GEMM per segment, no copies.
+    Costs 2 GEMM launches per distinct adapter.
+    """
+    for seg in g.segments:
+        rows = slice(seg.start, seg.end)
+        y[rows] += (x[rows] @ pool.a[seg.slot].T) @ pool.b[seg.slot]  # [m, R] @ [R, d_out]
+
+
+def ia3(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: Ia3Pool, g: PoolGroup) -> None:
+    """Semantics: y[t] *= l_out[s_t]   (PEFT IA3 on an ordinary layer: (x W0ᵀ + bias) ∘ l)
+
+    The feed-forward variant (x ∘ l_in) W0ᵀ + bias scales the GEMM's input instead:
+    see `scale_ia3_inputs`, which the layer applies before the base GEMM.
+    """
+    y[g.start : g.end] *= pool.scale_out.index_select(0, g.slots)
+
+
+def scale_ia3_inputs(x_base: torch.Tensor, pool: Ia3Pool, g: PoolGroup) -> None:
+    """Semantics: x_base[t] *= l_in[s_t], in place, for the group's rows."""
+    x_base[g.start : g.end] *= pool.scale_in.index_select(0, g.slots)
+
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, PoolStorage, PoolGroup], None]
+
+KERNELS: dict[KernelPath, Kernel] = {
+    KernelPath.FLORA: flora,
+    KernelPath.FLORA_SEGMENT: flora_segment,
+    KernelPath.LORA_BMM: lora_bmm,
+    KernelPath.LORA_GATHER: lora_gather,
+    KernelPath.LORA_SEGMENT: lora_segment,
+    KernelPath.IA3: ia3,
+}

@@ -1,0 +1,80 @@
+"""The multi-adapter linear layer: one shared W0, a different adapter per row.
+
+    y[t] = x[t] @ W_tᵀ + bias,   W_t = W0 adapted by row t's adapter (or W0 for -1)
+
+computed without looping over requests: rows are grouped by pool and adapter once
+per step (`AdapterBatch`), the non-FLoRA rows share one base GEMM, and each pool
+group runs the kernel path its cost model picked (`kernels.KERNELS`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from services.engine.adapter_batch import AdapterBatch
+from services.engine.adapter_slots import LayerSlots, SlotLayout
+from services.engine.context import get_adapter_batch
+from services.engine.kernels import KERNELS, linear_into, scale_ia3_inputs
+
+
+def multi_adapter_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, slots: LayerSlots, batch: AdapterBatch
+) -> torch.Tensor:
+    """x [T, d_in], weight [d_out, d_in], bias [d_out] | None -> y [T, d_out]."""
+    _check_input(x, weight, batch)
+    xs = x if batch.order is None else x.index_select(0, batch.order)  # rows grouped by adapter
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    linear_into(y[: batch.num_base_rows], _base_input(xs, slots, batch), weight, bias)
+    for group in batch.groups:
+        KERNELS[group.path](xs, y, weight, bias, slots.pools[group.pool], group)
+    return y if batch.restore is None else y.index_select(0, batch.restore)
+
+
+def _base_input(xs: torch.Tensor, slots: LayerSlots, batch: AdapterBatch) -> torch.Tensor:
+    """The base GEMM's input rows; IA3 feed-forward rows are scaled on a copy (x feeds the residual too)."""
+    x_base = xs[: batch.num_base_rows]
+    if batch.input_scaled:
+        x_base = x_base.clone()
+        for group in batch.input_scaled:
+            scale_ia3_inputs(x_base, slots.pools[group.pool], group)
+    return x_base
+
+
+def _check_input(x: torch.Tensor, weight: torch.Tensor, batch: AdapterBatch) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be token rows [T, d_in], got shape {tuple(x.shape)}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x has d_in={x.shape[1]} but the weight [d_out, d_in] is {tuple(weight.shape)}")
+    if x.shape[0] != batch.num_rows:
+        raise ValueError(f"x has {x.shape[0]} rows but the adapter batch was built for {batch.num_rows}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x is {x.dtype} but the layer's weight is {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the layer's weight is on {weight.device}")
+
+
+class MultiAdapterLinear(nn.Module):
+    """A linear layer whose rows each carry their own adapter; reads the step's batch from context."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: SlotLayout):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [d_out, d_in]
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # [d_out]
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+        d_out, d_in = weight.shape
+        self.slots = LayerSlots(layout, d_in, d_out, weight.dtype, weight.device)
+
+    @property
+    def d_in(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] -> [..., d_out]; the leading dims flatten to the batch's T rows."""
+        y = multi_adapter_linear(x.reshape(-1, self.d_in), self.weight, self.bias, self.slots, get_adapter_batch())
+        return y.view(*x.shape[:-1], self.d_out)

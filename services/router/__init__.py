@@ -1,0 +1,1 @@
+"""gRPC front door: auth, tenant -> adapter, quotas, per-tenant metrics (coming)."""

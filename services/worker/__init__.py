@@ -1,0 +1,1 @@
+"""Ray Serve deployment hosting the engine, with the adapter cache tiers (coming)."""

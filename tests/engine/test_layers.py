@@ -1,0 +1,111 @@
+"""The multi-adapter linear layer against the per-row dense reference, every path."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.engine.adapter_batch import AdapterBatch, KernelPath
+from services.engine.adapter_format import AdapterKind
+from services.engine.adapter_slots import LayerSlots, SlotLayout, SlotPool
+from services.engine.adapter_weights import FloraWeights
+from services.engine.context import using_adapter_batch
+from services.engine.cost_model import FixedPaths
+from services.engine.layers import MultiAdapterLinear, multi_adapter_linear
+from services.engine.reference import reference_linear
+from tests.engine.helpers import fill_slots, rel_err
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+FLORA_PATHS = (KernelPath.FLORA, KernelPath.FLORA_SEGMENT)
+LORA_PATHS = (KernelPath.LORA_BMM, KernelPath.LORA_GATHER, KernelPath.LORA_SEGMENT)
+ALL_CHOOSERS = [FixedPaths(f, l) for f, l in itertools.product(FLORA_PATHS, LORA_PATHS)]
+
+# Every kind, several rank capacities up to 32: rows of all of them meet in one batch.
+MIXED_LAYOUT = SlotLayout(
+    (
+        SlotPool(AdapterKind.FLORA, 1, 3),
+        SlotPool(AdapterKind.FLORA, 4, 2),
+        SlotPool(AdapterKind.FLORA, 32, 2),
+        SlotPool(AdapterKind.LORA, 2, 3),
+        SlotPool(AdapterKind.LORA, 16, 2),
+        SlotPool(AdapterKind.LORA, 32, 1),
+        SlotPool(AdapterKind.IA3, 1, 3),
+    )
+)
+
+
+def check_all_paths(layout: SlotLayout, slot_ids: list[int], d_in: int, d_out: int, dtype: torch.dtype, seed: int, bias: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(d_out, d_in, dtype=dtype, generator=gen) / d_in**0.5
+    b = torch.randn(d_out, dtype=dtype, generator=gen) if bias else None
+    adapters = fill_slots(layout, d_in, d_out, dtype, gen)
+    slots = LayerSlots(layout, d_in, d_out, dtype)
+    for slot, adapter in adapters.items():
+        slots.load(slot, adapter)
+    x = torch.randn(len(slot_ids), d_in, dtype=dtype, generator=gen)
+    ref = reference_linear(x.double(), weight.double(), None if b is None else b.double(), [adapters.get(s) for s in slot_ids])
+    for chooser in ALL_CHOOSERS:
+        batch = AdapterBatch.build(slot_ids, layout, chooser, d_in, d_out)
+        y = multi_adapter_linear(x, weight, b, slots, batch)
+        assert y.dtype == dtype and y.shape == (len(slot_ids), d_out)
+        assert rel_err(y.double(), ref) <= TOLERANCE[dtype], f"{chooser} on slots {slot_ids}"
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    d_in=st.integers(1, 48),
+    d_out=st.integers(1, 48),
+    slot_ids=st.lists(st.integers(-1, MIXED_LAYOUT.num_slots - 1), min_size=1, max_size=40),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_mixed_batches_match_reference(d_in, d_out, slot_ids, dtype, bias, seed):
+    check_all_paths(MIXED_LAYOUT, slot_ids, d_in, d_out, dtype, seed, bias)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 8, 16, 32])
+@pytest.mark.parametrize("kind", [AdapterKind.FLORA, AdapterKind.LORA])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_rank_every_row_distinct(rank, kind, dtype):
+    layout = SlotLayout((SlotPool(kind, rank, 12),))
+    slot_ids = [5, 0, 11, -1, 3, 3, 7, 1, 2, 10, -1, 4, 6, 8, 9]
+    check_all_paths(layout, slot_ids, 40, 56, dtype, seed=rank)
+
+
+def test_rows_already_grouped_are_not_permuted():
+    batch = AdapterBatch.build([-1, -1, 8, 8, 9, 13, 0, 0, 3], MIXED_LAYOUT, FixedPaths(), 8, 8)
+    assert batch.order is None and batch.restore is None
+    check_all_paths(MIXED_LAYOUT, [-1, -1, 8, 8, 9, 13, 0, 0, 3], 8, 8, torch.float64, seed=1)
+
+
+def test_no_adapter_rows_only_equal_base_layer():
+    check_all_paths(MIXED_LAYOUT, [-1] * 7, 16, 24, torch.float64, seed=2)
+
+
+def test_identity_flora_adapter_returns_base_output():
+    d_in, d_out, rank = 32, 48, 4
+    layout = SlotLayout((SlotPool(AdapterKind.FLORA, 8, 2),))
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(d_out, d_in, generator=gen), torch.randn(d_out, generator=gen)
+    layer = MultiAdapterLinear(weight, bias, layout)
+    layer.slots.load(1, FloraWeights.identity(d_in, d_out, rank))
+    x = torch.randn(6, d_in, generator=gen)
+    for path in FLORA_PATHS:
+        with using_adapter_batch(AdapterBatch.build([1, -1, 1, 1, -1, 1], layout, FixedPaths(flora=path), d_in, d_out)):
+            assert rel_err(layer(x), x @ weight.T + bias) <= 1e-6
+
+
+def test_module_flattens_leading_dims():
+    layout = SlotLayout((SlotPool(AdapterKind.LORA, 4, 2),))
+    gen = torch.Generator().manual_seed(3)
+    layer = MultiAdapterLinear(torch.randn(12, 8, generator=gen), None, layout)
+    x = torch.randn(2, 3, 8, generator=gen)
+    with using_adapter_batch(AdapterBatch.build([0, 0, 0, -1, -1, 1], layout, FixedPaths(), 8, 12)):
+        y = layer(x)
+    assert y.shape == (2, 3, 12)
+    assert torch.allclose(y[1, :2], x[1, :2] @ layer.weight.T)

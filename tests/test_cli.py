@@ -1,0 +1,37 @@
+"""The `flora-gateway` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from services.cli import main
+
+
+def test_help_lists_commands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "bench" in out
+
+
+def test_bench_kernels_help_is_reachable(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "kernels", "--help"])
+    assert exit_info.value.code == 0
+    assert "--threads" in capsys.readouterr().out
+
+
+def test_unknown_arguments_fail_clearly(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--bogus"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_demo_runs_and_matches_reference():
+    """`make run`'s job: every tenant's rows agree with the dense reference."""
+    out = subprocess.run([sys.executable, "-m", "services.cli", "demo"], capture_output=True, text=True, check=True, timeout=300).stdout
+    errors = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "max rel err" in line]
+    assert len(errors) == 5 and max(errors) < 1e-5
