@@ -17,13 +17,14 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.timing import median_seconds
+from benchmarks.timing import Paired, paired
 from services.engine.adapter_batch import AdapterBatch, KernelPath
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import LayerSlots, SlotLayout, SlotPool
@@ -50,8 +51,10 @@ class Cell:
     shape: str
     rows: int
     rank: int
-    path: str  # a KernelPath value, or "base"
-    seconds: float
+    path: str  # a KernelPath value
+    seconds: float  # median time of one layer call on this path
+    base_seconds: float  # median time of the plain layer (no adapter), timed alternately with it
+    ratio: float  # median of path / base over adjacent pairs: the number to read
 
 
 class Layer:
@@ -67,67 +70,71 @@ class Layer:
             for tensor in (pool.a, pool.b):
                 tensor.normal_()
 
-    def time(self, slot_ids: torch.Tensor, chooser: FixedPaths | CostModel) -> float:
+    def call(self, slot_ids: torch.Tensor, chooser: FixedPaths | CostModel):
+        """A closure running the layer on len(slot_ids) random rows, row t with slot slot_ids[t]."""
         x = torch.randn(len(slot_ids), self.shape.d_in, dtype=self.weight.dtype)
         batch = AdapterBatch.build(slot_ids, self.layout, chooser, self.shape.d_in, self.shape.d_out)
-        return median_seconds(lambda: multi_adapter_linear(x, self.weight, self.bias, self.slots, batch))
+        return lambda: multi_adapter_linear(x, self.weight, self.bias, self.slots, batch)
+
+    def versus_base(self, slot_ids: torch.Tensor, chooser: FixedPaths | CostModel) -> Paired:
+        return paired(self.call(torch.full((len(slot_ids),), -1), FixedPaths()), self.call(slot_ids, chooser))
 
 
 def distinct_adapter_cells(shape: LayerShape, rows: int, rank: int, dtype: torch.dtype) -> list[Cell]:
     """Every row its own adapter: FLoRA slots 0..rows-1, LoRA slots rows..2·rows-1."""
     layer = Layer(shape, rank, rows, dtype)
     flora_ids, lora_ids = torch.arange(rows), torch.arange(rows) + rows
-    times = {"base": layer.time(torch.full((rows,), -1), FixedPaths())}
-    times[KernelPath.FLORA.value] = layer.time(flora_ids, FixedPaths(flora=KernelPath.FLORA))
+    runs = {KernelPath.FLORA: (flora_ids, FixedPaths(flora=KernelPath.FLORA))}
     if rows <= 64:  # merging one full weight per row: 2048 merges per call at prefill would take minutes
-        times[KernelPath.FLORA_SEGMENT.value] = layer.time(flora_ids, FixedPaths(flora=KernelPath.FLORA_SEGMENT))
-    for path in LORA_PATHS:
-        times[path.value] = layer.time(lora_ids, FixedPaths(lora=path))
-    return [Cell(shape.name, rows, rank, path, s) for path, s in times.items()]
+        runs[KernelPath.FLORA_SEGMENT] = (flora_ids, FixedPaths(flora=KernelPath.FLORA_SEGMENT))
+    runs |= {path: (lora_ids, FixedPaths(lora=path)) for path in LORA_PATHS}
+    cells = []
+    for path, (ids, chooser) in runs.items():
+        p = layer.versus_base(ids, chooser)
+        cells.append(Cell(shape.name, rows, rank, path.value, p.candidate_s, p.reference_s, p.ratio))
+    return cells
 
 
 def rank_isolation(shape: LayerShape, rows: int, dtype: torch.dtype) -> dict[str, float]:
-    """Seconds for: all rank-1 rows; the same with one rank-16 row (rank pools); all padded to rank 16."""
+    """Time relative to all-rank-1 rows of: one rank-16 row among them (rank pools); the same padded to rank 16."""
     pooled = SlotLayout((SlotPool(AdapterKind.FLORA, 1, rows), SlotPool(AdapterKind.FLORA, 16, 1)))
     padded = SlotLayout((SlotPool(AdapterKind.FLORA, 16, rows),))
-    result = {}
-    for name, layout, ids in [
-        ("all rank 1", pooled, torch.arange(rows)),
-        ("one rank-16 row, rank pools", pooled, torch.cat([torch.arange(rows - 1), torch.tensor([rows])])),
-        ("one rank-16 row, one pool padded to 16", padded, torch.arange(rows)),
-    ]:
-        layer = Layer(shape, 1, 1, dtype)
-        layer.layout, layer.slots = layout, LayerSlots(layout, shape.d_in, shape.d_out, dtype)
-        result[name] = layer.time(ids, FixedPaths())
-    return result
+    layers = {}
+    for name, layout in (("pooled", pooled), ("padded", padded)):
+        layers[name] = Layer(shape, 1, 1, dtype)
+        layers[name].layout, layers[name].slots = layout, LayerSlots(layout, shape.d_in, shape.d_out, dtype)
+        for pool in layers[name].slots.pools:
+            pool.a.normal_(), pool.b.normal_()
+    all_rank_1 = layers["pooled"].call(torch.arange(rows), FixedPaths())
+    one_rank_16 = torch.cat([torch.arange(rows - 1), torch.tensor([rows])])
+    return {
+        "one rank-16 row among rank-1 rows, rank pools": paired(all_rank_1, layers["pooled"].call(one_rank_16, FixedPaths())).ratio,
+        "the same rows, one pool padded to rank 16": paired(all_rank_1, layers["padded"].call(torch.arange(rows), FixedPaths())).ratio,
+    }
 
 
 def per_sequence_prefill(shape: LayerShape, seqs: int, seq_len: int, rank: int, dtype: torch.dtype, model: CostModel) -> dict[str, float]:
-    """`seqs` prompts of `seq_len` tokens, one adapter each: every path, and what the cost model picks."""
+    """`seqs` prompts of `seq_len` tokens, one adapter each: every path vs base, and the cost model's pick."""
     layer = Layer(shape, rank, seqs, dtype)
     flora_ids = torch.arange(seqs).repeat_interleave(seq_len)
-    result = {"base": layer.time(torch.full((seqs * seq_len,), -1), FixedPaths())}
-    for path in (KernelPath.FLORA, KernelPath.FLORA_SEGMENT):
-        result[path.value] = layer.time(flora_ids, FixedPaths(flora=path))
-    for path in LORA_PATHS:
-        result[path.value] = layer.time(flora_ids + seqs, FixedPaths(lora=path))
-    result["cost model (flora rows)"] = layer.time(flora_ids, model)
-    result["cost model (lora rows)"] = layer.time(flora_ids + seqs, model)
-    return result
+    runs = {p.value: (flora_ids, FixedPaths(flora=p)) for p in (KernelPath.FLORA, KernelPath.FLORA_SEGMENT)}
+    runs |= {p.value: (flora_ids + seqs, FixedPaths(lora=p)) for p in LORA_PATHS}
+    runs |= {"cost model's pick, FLoRA rows": (flora_ids, model), "cost model's pick, LoRA rows": (flora_ids + seqs, model)}
+    return {name: layer.versus_base(ids, chooser).ratio for name, (ids, chooser) in runs.items()}
 
 
 def measured_coefficients(cells: list[Cell], shape: LayerShape, rows: int, rank: int) -> tuple[float, float]:
-    """c2 = base s/MAC; c1 = lora_bmm's added s/MAC (work 2·n·r·d), at one (rows, rank) cell."""
-    t = {c.path: c.seconds for c in cells if c.shape == shape.name and c.rows == rows and c.rank == rank}
-    c2 = t["base"] / (rows * shape.d_in * shape.d_out)
-    c1 = (t[KernelPath.LORA_BMM.value] - t["base"]) / (rows * rank * (shape.d_in + shape.d_out))
+    """c2 = base s/MAC; c1 = lora_bmm's added s/MAC (work 2·n·r·d), from one (rows, rank) cell's ratio."""
+    cell = next(c for c in cells if c.shape == shape.name and c.rows == rows and c.rank == rank and c.path == KernelPath.LORA_BMM.value)
+    c2 = cell.base_seconds / (rows * shape.d_in * shape.d_out)
+    c1 = (cell.ratio - 1) * cell.base_seconds / (rows * rank * (shape.d_in + shape.d_out))
     return c1, c2
 
 
 def crossover_rank(cells: list[Cell], shape: str, rows: int) -> int | None:
     """The smallest rank where the best LoRA path is faster than FLoRA (None: FLoRA wins at every rank)."""
     for rank in sorted({c.rank for c in cells}):
-        t = {c.path: c.seconds for c in cells if c.shape == shape and c.rows == rows and c.rank == rank}
+        t = {c.path: c.ratio for c in cells if c.shape == shape and c.rows == rows and c.rank == rank}
         if min(t[p.value] for p in LORA_PATHS) < t[KernelPath.FLORA.value]:
             return rank
     return None
@@ -135,26 +142,26 @@ def crossover_rank(cells: list[Cell], shape: str, rows: int) -> int | None:
 
 def markdown(report: dict) -> str:
     lines = [f"# Kernel benchmark — {report['machine']}", "", f"Command: `{report['command']}`", ""]
-    lines += [f"dtype {report['dtype']}, {report['threads']} torch thread(s). Times in ms (median); ×base in brackets.", ""]
+    lines += [f"dtype {report['dtype']}, {report['threads']} torch thread(s). Each cell: time relative to the plain layer (no adapter)", "timed alternately with it (median of pair ratios); the plain layer's median ms in the `base ms` column.", ""]
     cells = [Cell(**c) for c in report["cells"]]
     paths = list(dict.fromkeys(c.path for c in cells))
     for shape in dict.fromkeys(c.shape for c in cells):
         for rows in sorted({c.rows for c in cells if c.shape == shape}):
-            lines += [f"## {shape}, {rows} rows, every row its own adapter", "", "| rank | " + " | ".join(paths) + " |", "|---" * (len(paths) + 1) + "|"]
+            lines += [f"## {shape}, {rows} rows, every row its own adapter", "", "| rank | base ms | " + " | ".join(paths) + " |", "|---" * (len(paths) + 2) + "|"]
             for rank in sorted({c.rank for c in cells}):
-                t = {c.path: c.seconds for c in cells if c.shape == shape and c.rows == rows and c.rank == rank}
-                row = [f"{t[p] * 1e3:.2f} ({t[p] / t['base']:.1f}×)" if p in t else "—" for p in paths]
-                lines.append(f"| {rank} | " + " | ".join(row) + " |")
+                here = {c.path: c for c in cells if c.shape == shape and c.rows == rows and c.rank == rank}
+                base_ms = statistics.median(c.base_seconds for c in here.values()) * 1e3
+                row = [f"{here[p].ratio:.2f}×" if p in here else "—" for p in paths]
+                lines.append(f"| {rank} | {base_ms:.2f} | " + " | ".join(row) + " |")
             lines.append("")
     lines += ["## Crossover: FLoRA vs the best LoRA path", "", f"Paper: {PAPER_CLAIM}.", ""]
     lines += ["| shape | rows | measured c1/c2 | eq. 7 crossover rank | measured crossover rank |", "|---|---|---|---|---|"]
     for x in report["crossover"]:
         lines.append(f"| {x['shape']} | {x['rows']} | {x['c1_over_c2']:.1f} | {x['eq7_rank']:.2f} | {x['measured_rank'] or 'none (FLoRA wins at every rank)'} |")
     lines += ["", f"Cost model (calibrated at start-up): c1 = {report['cost_model']['c1']:.3e} s/MAC, c2 = {report['cost_model']['c2']:.3e} s/MAC, c1/c2 = {report['cost_model']['c1'] / report['cost_model']['c2']:.1f}.", ""]
-    for title, key in [("Rank isolation (decode rows, FLoRA)", "rank_isolation"), ("Prefill, one adapter per sequence", "per_sequence_prefill")]:
-        base = next(iter(report[key]["seconds"].values()))
-        lines += [f"## {title}: {report[key]['setup']}", "", "| case | ms | × first row |", "|---|---|---|"]
-        lines += [f"| {name} | {s * 1e3:.2f} | {s / base:.2f} |" for name, s in report[key]["seconds"].items()]
+    for title, key, versus in [("Rank isolation (decode rows, FLoRA)", "rank_isolation", "all rank-1 rows"), ("Prefill, one adapter per sequence", "per_sequence_prefill", "plain layer")]:
+        lines += [f"## {title}: {report[key]['setup']}", "", f"| case | × {versus} |", "|---|---|"]
+        lines += [f"| {name} | {r:.2f} |" for name, r in report[key]["ratios"].items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -172,11 +179,12 @@ def plot(report: dict, path: Path) -> None:
     for i, shape in enumerate(shapes):
         for j, rows in enumerate(row_counts):
             ax = axes[i][j]
+            ax.axhline(1.0, color="black", linestyle="--", label="base layer (no adapter)")
             for p in dict.fromkeys(c.path for c in cells):
-                pts = sorted((c.rank, c.seconds * 1e3) for c in cells if c.shape == shape and c.rows == rows and c.path == p)
-                style = dict(color="black", linestyle="--") if p == "base" else dict(marker="o")
-                ax.plot(*zip(*pts), label="base (no adapter)" if p == "base" else p, **style) if pts else None
-            ax.set(xscale="log", yscale="log", xlabel="rank", ylabel="ms per layer call", title=f"{shape}, {rows} rows")
+                pts = sorted((c.rank, c.ratio) for c in cells if c.shape == shape and c.rows == rows and c.path == p)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=p)
+            ax.set(xscale="log", yscale="log", xlabel="rank", ylabel="time / base layer", title=f"{shape}, {rows} rows")
             ax.set_xticks([1, 2, 4, 8, 16, 32], labels=["1", "2", "4", "8", "16", "32"])
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -207,10 +215,10 @@ def run(shapes: tuple[LayerShape, ...], row_counts: tuple[int, ...], ranks: tupl
         cells=[asdict(c) for c in cells],
         crossover=crossover,
         cost_model=dict(c1=model.c1, c2=model.c2, choices_valid_for="per batch"),
-        rank_isolation=dict(setup=f"{small.name}, {row_counts[0]} rows", seconds=rank_isolation(small, row_counts[0], dtype)),
+        rank_isolation=dict(setup=f"{small.name}, {row_counts[0]} rows", ratios=rank_isolation(small, row_counts[0], dtype)),
         per_sequence_prefill=dict(
             setup=f"{small.name}, 8 sequences × {max(row_counts) // 8} tokens, rank 8",
-            seconds=per_sequence_prefill(small, 8, max(row_counts) // 8, 8, dtype, model),
+            ratios=per_sequence_prefill(small, 8, max(row_counts) // 8, 8, dtype, model),
         ),
     )
 

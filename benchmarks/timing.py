@@ -1,22 +1,39 @@
-"""Wall-clock timing for CPU kernels: warm-up, then the median of repeats."""
+"""Wall-clock timing for CPU kernels on a shared, noisy machine.
+
+Speeds are compared as ratios measured in the same run: `paired` alternates the
+reference and the candidate call, so drift in machine load hits both alike, and
+reports the median of the per-pair ratios.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
-def median_seconds(fn: Callable[[], object], min_total_s: float = 0.3, min_repeats: int = 3, max_repeats: int = 15) -> float:
-    """Median wall time of fn(). One warm-up call; a call slower than a second is repeated once only."""
+@dataclass(frozen=True)
+class Paired:
+    reference_s: float  # median seconds of the reference call
+    candidate_s: float  # median seconds of the candidate call
+    ratio: float  # median of candidate / reference over adjacent pairs
+
+
+def seconds(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
-    warm = time.perf_counter() - t0
-    if warm > 1.0:
-        min_repeats, max_repeats = 1, 1
-    times: list[float] = []
-    while len(times) < max_repeats and (len(times) < min_repeats or sum(times) < min_total_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time.perf_counter() - t0
+
+
+def paired(reference: Callable[[], object], candidate: Callable[[], object], min_total_s: float = 0.5, min_pairs: int = 3, max_pairs: int = 15) -> Paired:
+    """Warm both up, then time them alternately; a candidate slower than a second gets one pair only."""
+    reference(), candidate()
+    if seconds(candidate) > 1.0:
+        min_pairs = max_pairs = 1
+    refs: list[float] = []
+    cands: list[float] = []
+    while len(refs) < max_pairs and (len(refs) < min_pairs or sum(refs) + sum(cands) < min_total_s):
+        refs.append(seconds(reference))
+        cands.append(seconds(candidate))
+    return Paired(statistics.median(refs), statistics.median(cands), statistics.median(c / r for c, r in zip(cands, refs)))

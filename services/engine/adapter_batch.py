@@ -19,6 +19,7 @@ model (`cost_model.py`), never by branches inside the layers.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -129,6 +130,12 @@ def _checked_slot_ids(slot_ids: torch.Tensor | Sequence[int], layout: SlotLayout
     return ids
 
 
+def slot_sort_key(layout: SlotLayout, slot: int) -> int:
+    """Where rows of `slot` go in a batch's row order (see the module docstring)."""
+    return int(_sort_keys(layout)[slot + 1])
+
+
+@functools.cache
 def _sort_keys(layout: SlotLayout) -> torch.Tensor:
     """[1 + num_slots] int64 sort key per slot id + 1: no adapter, then non-FLoRA pools, then FLoRA pools."""
     pool_rank = sorted(range(len(layout.pools)), key=lambda p: layout.pools[p].kind is AdapterKind.FLORA)

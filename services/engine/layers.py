@@ -57,8 +57,9 @@ def _check_input(x: torch.Tensor, weight: torch.Tensor, batch: AdapterBatch) -> 
 class MultiAdapterLinear(nn.Module):
     """A linear layer whose rows each carry their own adapter; reads the step's batch from context."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: SlotLayout):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: SlotLayout, batch_index: int = 0):
         super().__init__()
+        self.batch_index = batch_index  # which of the step's adapter batches this layer reads
         self.weight = nn.Parameter(weight, requires_grad=False)  # [d_out, d_in]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # [d_out]
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
@@ -76,5 +77,5 @@ class MultiAdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> [..., d_out]; the leading dims flatten to the batch's T rows."""
-        y = multi_adapter_linear(x.reshape(-1, self.d_in), self.weight, self.bias, self.slots, get_adapter_batch())
+        y = multi_adapter_linear(x.reshape(-1, self.d_in), self.weight, self.bias, self.slots, get_adapter_batch(self.batch_index))
         return y.view(*x.shape[:-1], self.d_out)

@@ -108,7 +108,7 @@ def test_path_must_fit_kind():
 
 
 def test_forward_without_batch_context(layer):
-    with pytest.raises(RuntimeError, match="no adapter batch is set for this step"):
+    with pytest.raises(RuntimeError, match="no step context is set"):
         get_adapter_batch()
 
 

@@ -1,0 +1,87 @@
+"""Streaming front of the engine: `async for chunk in engine.generate(...)`.
+
+One background thread runs `LLMEngine.step()` while there is work; each request's
+outputs go to its own asyncio queue on the caller's event loop. Leaving the
+`async for` early (the client went away, a deadline passed) aborts the request:
+its KV blocks and adapter reference are freed at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from services.engine.adapter_manager import Adapter
+from services.engine.engine import LLMEngine, StepOutput
+from services.engine.sampling import SamplingParams
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # of StepOutput | BaseException
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._lock = threading.Lock()  # the engine is single-threaded: every call goes through this lock
+        self._work = threading.Event()
+        self._stopped = False
+        self._streams: dict[int, _Stream] = {}
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def add_adapter(self, adapter: Adapter) -> None:
+        with self._lock:
+            self.engine.add_adapter(adapter)
+        self._work.set()  # requests waiting for this adapter can start
+
+    async def generate(self, prompt: str | list[int], adapter_id: str | None = None, params: SamplingParams = SamplingParams()) -> AsyncIterator[StepOutput]:
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            seq_id = self.engine.add_request(prompt, adapter_id, params)
+            self._streams[seq_id] = stream
+        self._work.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            with self._lock:
+                self._streams.pop(seq_id, None)
+                if not finished:
+                    self.engine.abort(seq_id)
+            self._work.set()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._work.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._work.wait()
+            with self._lock:
+                try:
+                    outputs = self.engine.step()
+                except Exception as error:  # a broken step fails the requests in flight, not the server
+                    self._fail_all(error)
+                    continue
+                if not self.engine.scheduler.running:  # idle, or waiting only for adapters: sleep until told
+                    self._work.clear()
+                targets = [(self._streams.get(o.seq_id), o) for o in outputs]
+            for stream, output in targets:
+                if stream is not None:
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+
+    def _fail_all(self, error: Exception) -> None:
+        for seq_id, stream in list(self._streams.items()):
+            self.engine.abort(seq_id)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, RuntimeError(f"engine step failed: {error!r}"))

@@ -1,0 +1,47 @@
+"""Engine configuration: one frozen dataclass, validated with clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from services.engine.adapter_format import AdapterKind
+from services.engine.adapter_slots import SlotLayout, SlotPool
+from services.engine.scheduler import SchedulerConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_pools(slots_per_pool: int = 8) -> tuple[SlotPool, ...]:
+    """FLoRA and LoRA pools at rank capacities 1..32 (powers of two), and IA3."""
+    ranks = (1, 2, 4, 8, 16, 32)
+    pools = [SlotPool(kind, r, slots_per_pool) for kind in (AdapterKind.FLORA, AdapterKind.LORA) for r in ranks]
+    return (*pools, SlotPool(AdapterKind.IA3, 1, slots_per_pool))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    adapter_modules: tuple[str, ...] = ("attn.c_attn",)  # module types that can carry adapters
+    pools: tuple[SlotPool, ...] = field(default_factory=default_pools)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30  # the KV budget; the cache is allocated once at start
+    dtype: str = "float32"
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1 or self.kv_cache_bytes < 1 or self.threads < 1:
+            raise ValueError(f"block_size, kv_cache_bytes and threads must be >= 1 (got {self.block_size}, {self.kv_cache_bytes}, {self.threads})")
+        if len(set(self.adapter_modules)) != len(self.adapter_modules):
+            raise ValueError(f"adapter_modules has duplicates: {self.adapter_modules}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def layout(self) -> SlotLayout:
+        return SlotLayout(self.pools)

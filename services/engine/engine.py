@@ -1,0 +1,192 @@
+"""The engine: continuous batching where every request carries its own adapter.
+
+    step():  schedule -> run the model -> sample -> postprocess -> emit
+
+Synchronous and single-threaded; `async_engine.AsyncEngine` drives it from a
+background thread for streaming. Knows nothing of Ray, gRPC, Redis or S3.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.engine.adapter_batch import PathChooser
+from services.engine.adapter_manager import Adapter, AdapterManager
+from services.engine.block_manager import BlockManager
+from services.engine.config import EngineConfig
+from services.engine.cost_model import calibrate
+from services.engine.detokenizer import IncrementalDetokenizer, Tokenizer
+from services.engine.model_runner import ModelRunner
+from services.engine.models import CausalLM
+from services.engine.sampling import SamplingParams, sample
+from services.engine.scheduler import ScheduledChunk, Scheduler
+from services.engine.sequence import FinishReason, Sequence, Timings
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced for one request."""
+
+    seq_id: int
+    new_token_ids: tuple[int, ...]
+    text: str  # new text (streaming delta)
+    finish_reason: FinishReason | None  # None: not finished
+    num_prompt_tokens: int
+    num_output_tokens: int
+    timings: Timings
+
+
+class LLMEngine:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, config: EngineConfig, chooser: PathChooser, eos_token_ids: frozenset[int]):
+        torch.set_num_threads(config.threads)
+        self.model, self.tokenizer, self.config, self.eos_token_ids = model, tokenizer, config, eos_token_ids
+        self.adapters = AdapterManager(config.layout, model.adapted_layers(), config.adapter_modules)
+        per_block = ModelRunner.bytes_per_block(model, config.block_size, config.torch_dtype)
+        num_blocks = config.kv_cache_bytes // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block ({per_block} bytes each)")
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
+        self.runner = ModelRunner(model, config.layout, self.adapters, chooser, num_blocks, config.block_size, config.torch_dtype)
+        self.sequences: dict[int, Sequence] = {}
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self._aborted: list[int] = []
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, config: EngineConfig, chooser: PathChooser | None = None) -> "LLMEngine":
+        """Load a local Hugging Face checkpoint directory (safetensors) and its tokenizer."""
+        from transformers import AutoTokenizer
+
+        from services.engine.models.loader import load_model
+
+        torch.set_num_threads(config.threads)
+        model = load_model(model_dir, config.adapter_modules, config.layout, config.torch_dtype)
+        eos = json.loads((model_dir / "config.json").read_text()).get("eos_token_id")
+        eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), config, chooser or calibrate(config.torch_dtype), eos_ids)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def add_adapter(self, adapter: Adapter) -> None:
+        self.adapters.register(adapter)
+
+    def add_request(self, prompt: str | list[int], adapter_id: str | None = None, params: SamplingParams = SamplingParams()) -> int:
+        prompt_ids = self._encode(prompt)
+        self._check_fits(len(prompt_ids), params)
+        seq = Sequence(next(self._ids), prompt_ids, params, adapter_id)
+        self.sequences[seq.seq_id] = seq
+        if self.tokenizer is not None:
+            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def abort(self, seq_id: int) -> None:
+        """Cancel a request; its KV blocks and adapter reference are freed at the next step."""
+        self._aborted.append(seq_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        outputs = self._apply_aborts()
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return outputs
+        sampled, logits = self.runner.run(chunks)
+        tokens = sample(logits.float(), [c.seq.params for c in sampled], [c.seq.generator for c in sampled])
+        self._advance(chunks)
+        return outputs + [self._postprocess(c.seq, token) for c, token in zip(sampled, tokens)]
+
+    def generate(self, prompts: list[str | list[int]], adapter_ids: list[str | None], params: SamplingParams) -> list[Sequence]:
+        """Offline batch API: run every request to completion."""
+        seqs = [self.sequences[self.add_request(p, a, params)] for p, a in zip(prompts, adapter_ids)]
+        while self.has_unfinished():
+            self.step()
+        return seqs
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _advance(self, chunks: list[ScheduledChunk]) -> None:
+        now = time.perf_counter()
+        for c in chunks:
+            c.seq.num_cached += c.num_new
+            c.seq.timings.first_scheduled = c.seq.timings.first_scheduled or now
+
+    def _postprocess(self, seq: Sequence, token: int) -> StepOutput:
+        seq.output_ids.append(token)
+        seq.timings.first_token = seq.timings.first_token or time.perf_counter()
+        detok = self.detokenizers.get(seq.seq_id)
+        if detok is not None:
+            detok.push(seq.output_ids)
+        reason = self._finish_reason(seq, token)
+        text = "" if detok is None else _stream_delta(detok, seq.params.stop, reason)
+        if reason is not None:
+            self._finish(seq, reason)
+        return StepOutput(seq.seq_id, (token,), text, reason, len(seq.prompt_ids), len(seq.output_ids), seq.timings)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if token in self.eos_token_ids and not seq.params.ignore_eos:
+            return FinishReason.STOP
+        detok = self.detokenizers.get(seq.seq_id)
+        if detok is not None and any(s in detok.text for s in seq.params.stop):
+            return FinishReason.STOP
+        if len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.model.max_positions:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        seq.timings.finished = time.perf_counter()
+        del self.sequences[seq.seq_id]
+        self.detokenizers.pop(seq.seq_id, None)
+
+    def _apply_aborts(self) -> list[StepOutput]:
+        outputs = []
+        for seq_id in self._aborted:
+            seq = self.sequences.get(seq_id)
+            if seq is not None and not seq.is_finished:
+                self._finish(seq, FinishReason.ABORTED)
+                outputs.append(StepOutput(seq_id, (), "", FinishReason.ABORTED, len(seq.prompt_ids), len(seq.output_ids), seq.timings))
+        self._aborted.clear()
+        return outputs
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def _check_fits(self, num_prompt: int, params: SamplingParams) -> None:
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty")
+        if num_prompt >= self.model.max_positions:
+            raise ValueError(f"the prompt has {num_prompt} tokens; this model's context is {self.model.max_positions}")
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if num_prompt + 1 > capacity:
+            raise ValueError(f"the prompt has {num_prompt} tokens; the KV cache holds {capacity} positions in all")
+
+
+def _stream_delta(detok: IncrementalDetokenizer, stops: tuple[str, ...], reason: FinishReason | None) -> str:
+    """The text to send now. The output is cut before the first stop string, and text that
+    could still become the start of one is held back until it cannot (or the request ends)."""
+    text = detok.text
+    cut = min((text.find(s) for s in stops if s in text), default=len(text))
+    end = cut if reason is not None else cut - _held_back(text[:cut], stops)
+    delta = text[detok.emitted : end]
+    detok.emitted = max(detok.emitted, end)
+    return delta
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string."""
+    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)

@@ -1,0 +1,54 @@
+"""Turns a scheduled step into one forward pass: inputs, metadata, logits.
+
+Sequences are laid out sorted by their adapter's slot (pool order, then slot), so
+each adapter batch finds its rows already grouped and permutes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.engine.adapter_batch import AdapterBatch, PathChooser, slot_sort_key
+from services.engine.adapter_manager import AdapterManager
+from services.engine.adapter_slots import SlotLayout
+from services.engine.attention import AttentionBatch, SequenceChunk
+from services.engine.context import StepContext, using_step
+from services.engine.models import CausalLM
+from services.engine.scheduler import ScheduledChunk
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, layout: SlotLayout, adapters: AdapterManager, chooser: PathChooser, num_blocks: int, block_size: int, dtype: torch.dtype):
+        self.model, self.layout, self.adapters, self.chooser = model, layout, adapters, chooser
+        self.block_size = block_size
+        dims = {layer.batch_index: (layer.d_in, layer.d_out) for layer in adapters.layers.values()}
+        self.type_dims = [dims[i] for i in range(len(dims))]  # (d_in, d_out) of each adapted module type
+        shape = (model.num_layers, num_blocks * block_size, model.num_kv_heads, model.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype)  # [L, slots, kvH, D]: the whole KV budget, allocated once
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+        model.attach_kv_cache(self.k_cache, self.v_cache)
+
+    @staticmethod
+    def bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * dtype.itemsize
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
+        """-> (the chunks that sample, in order; their next-token logits [B, V])."""
+        chunks = sorted(chunks, key=lambda c: slot_sort_key(self.layout, c.seq.slot))
+        input_ids = torch.tensor([t for c in chunks for t in c.seq.token_ids[c.seq.num_cached : c.seq.num_cached + c.num_new]])
+        attention = AttentionBatch.build([SequenceChunk(c.seq.num_cached, c.num_new, tuple(c.seq.block_table)) for c in chunks], self.block_size)
+        with using_step(StepContext(self._adapter_batches(chunks), attention)):
+            hidden = self.model(input_ids, attention.positions)  # [T, d]
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        logits = self.model.compute_logits(hidden[attention.last_token_rows[sampling]])
+        return [chunks[i] for i in sampling], logits
+
+    def _adapter_batches(self, chunks: list[ScheduledChunk]) -> tuple[AdapterBatch, ...]:
+        """One AdapterBatch per adapted module type: [T] slots, -1 where a row's adapter skips the type."""
+        lengths = torch.tensor([c.num_new for c in chunks])
+        batches = []
+        for type_index, (d_in, d_out) in enumerate(self.type_dims):
+            slots = torch.tensor([self.adapters.slot_for_type(c.seq.adapter_id, type_index) for c in chunks])
+            batches.append(AdapterBatch.build(slots.repeat_interleave(lengths), self.layout, self.chooser, d_in, d_out))
+        return tuple(batches)

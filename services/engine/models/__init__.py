@@ -1,0 +1,202 @@
+"""The causal LMs the engine serves, and the small pieces they share.
+
+A model runs one engine step: a flat ragged batch of T new tokens from many
+sequences (prefill chunks and decode rows mixed), attention through the paged KV
+cache, each row's adapter through the step context (`context.py`):
+
+    with using_step(StepContext(adapters, attention_batch)):
+        hidden = model(input_ids, positions)                 # [T] -> [T, d_model]
+        logits = model.compute_logits(hidden[last_rows])     # [B, d_model] -> [B, vocab]
+
+Module and parameter names are the Hugging Face checkpoint names, so weights load
+by name (`loader.py`) and adapters address layers by HF module name
+("transformer.h.3.attn.c_attn", "model.layers.3.self_attn.q_proj").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.engine.adapter_slots import SlotLayout
+from services.engine.layers import MultiAdapterLinear
+from services.engine.model_shapes import ModelConfigError
+
+
+class CausalLM(Protocol):
+    """What the engine needs from a model (GPTBigCodeForCausalLM, LlamaForCausalLM)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int  # positions must be < max_positions
+    hidden_size: int
+    dtype: torch.dtype
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] int64, positions [T] int64 -> hidden [T, hidden_size] (final norm applied)."""
+        ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, hidden_size] -> logits [B, vocab_size]."""
+        ...
+
+    def attach_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """k_cache, v_cache [num_layers, slots, num_kv_heads, head_dim]: layer i keeps the view [i]."""
+        ...
+
+    def adapted_layers(self) -> dict[str, MultiAdapterLinear]:
+        """HF module name -> adapter-capable layer, for loading adapter weights into slots."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class Linear(nn.Module):
+    """nn.Linear without the init pass: the loader (or `random_model`) fills the weights."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [d_out, d_in]
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # [d_out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm, computed in fp32 like Hugging Face's (matters for bf16)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """How a model's layers are built: which linears are adapter-capable, in what dtype and where.
+
+    adapter_modules are module types, i.e. names within a block ("attn.c_attn"); layer
+    type i reads the step's i-th AdapterBatch. Every other linear stays plain, so an
+    empty adapter_modules costs nothing at all.
+    """
+
+    adapter_modules: tuple[str, ...]
+    layout: SlotLayout
+    dtype: torch.dtype
+    device: torch.device
+
+    @staticmethod
+    def create(
+        adapter_modules: Sequence[str], allowed: tuple[str, ...], layout: SlotLayout, dtype: torch.dtype, device: torch.device | str
+    ) -> "BuildSpec":
+        if isinstance(adapter_modules, str):
+            raise TypeError(f"adapter_modules must be a tuple of module names, got the string {adapter_modules!r}")
+        modules = tuple(adapter_modules)
+        unknown = [m for m in modules if m not in allowed]
+        if unknown:
+            raise ValueError(f"unknown adapter module(s) {unknown}: this model allows {list(allowed)}")
+        if len(set(modules)) != len(modules):
+            raise ValueError(f"adapter_modules lists a module twice: {list(modules)}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"a model's dtype must be floating point, got {dtype}")
+        return BuildSpec(modules, layout, dtype, torch.device(device))
+
+    def empty(self, *shape: int) -> torch.Tensor:
+        return torch.empty(*shape, dtype=self.dtype, device=self.device)
+
+    def linear(self, module_type: str, d_in: int, d_out: int, bias: bool) -> nn.Module:
+        """[d_out, d_in] linear for block module `module_type`; adapter-capable if listed."""
+        weight, b = self.empty(d_out, d_in), self.empty(d_out) if bias else None
+        if module_type in self.adapter_modules:
+            return MultiAdapterLinear(weight, b, self.layout, batch_index=self.adapter_modules.index(module_type))
+        return Linear(weight, b)
+
+    def embedding(self, num: int, dim: int) -> nn.Embedding:
+        return nn.Embedding(num, dim, _weight=self.empty(num, dim), _freeze=True)
+
+    def layer_norm(self, dim: int, eps: float) -> nn.LayerNorm:
+        return nn.LayerNorm(dim, eps=eps, dtype=self.dtype, device=self.device)
+
+
+def attach_kv_cache(
+    attentions: Sequence[nn.Module], k_cache: torch.Tensor, v_cache: torch.Tensor, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
+    """Hand attention layer i the views k_cache[i], v_cache[i]: [slots, kv_heads, head_dim]."""
+    expected = (len(attentions), kv_heads, head_dim)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 4 or (cache.shape[0], *cache.shape[2:]) != expected:
+            raise ValueError(
+                f"{name} must be [num_layers={expected[0]}, slots, kv_heads={kv_heads}, head_dim={head_dim}], got {tuple(cache.shape)}"
+            )
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype or k_cache.device != v_cache.device:
+        raise ValueError(f"k_cache and v_cache differ: {k_cache.shape} {k_cache.dtype} vs {v_cache.shape} {v_cache.dtype}")
+    if k_cache.dtype != dtype:
+        raise TypeError(f"the KV cache is {k_cache.dtype} but the model computes in {dtype}")
+    for i, attn in enumerate(attentions):
+        attn.k_cache, attn.v_cache = k_cache[i], v_cache[i]
+
+
+def require_cache(k_cache: torch.Tensor | None) -> torch.Tensor:
+    if k_cache is None:
+        raise RuntimeError("no KV cache attached: call model.attach_kv_cache(k_cache, v_cache) before forward")
+    return k_cache
+
+
+def adapted_layers(model: nn.Module) -> dict[str, MultiAdapterLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, MultiAdapterLinear)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading config.json (errors name the field, like model_shapes)
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # the same tanh formula, written out in HF
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def read_int(config: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    value = config.get(key)
+    if value is None and default is not None:
+        return default
+    # bool is an int subclass; a `true` where a size belongs is a broken config, not 1.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelConfigError(f"config field {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def read_float(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ModelConfigError(f"config field {key!r} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def read_bool(config: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ModelConfigError(f"config field {key!r} must be true or false, got {value!r}")
+    return value
