@@ -194,7 +194,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def run(shapes: tuple[LayerShape, ...], row_counts: tuple[int, ...], ranks: tuple[int, ...], dtype: torch.dtype) -> dict:
-    model = calibrate(dtype)
+    model = calibrate(dtype, shapes[0].d_in, shapes[0].d_out)  # the cost model's choices below are for shapes[0]
     cells: list[Cell] = []
     for shape in shapes:
         for rows in row_counts:

@@ -47,7 +47,7 @@ def main() -> int:
     x = torch.randn(32, D_IN, generator=gen)
 
     print("calibrating the kernel cost model on this machine ...")
-    model = calibrate(torch.float32)
+    model = calibrate(torch.float32, D_IN, D_OUT)
     print(f"  c1 (bmm) = {model.c1:.2e} s/MAC, c2 (GEMM) = {model.c2:.2e} s/MAC; eq. 7 crossover rank at d={D_IN}: {model.eq7_crossover_rank(D_IN):.2f}")
     batch = AdapterBatch.build(slot_ids, LAYOUT, model, D_IN, D_OUT)
     y = multi_adapter_linear(x, weight, bias, slots, batch)

@@ -77,6 +77,13 @@ class PoolGroup:
     end: int
     slots: torch.Tensor  # [end - start] int64, local slot of each row (ascending)
     segments: tuple[Segment, ...]  # one per distinct adapter, covering [start, end)
+    slot_range: tuple[int, int] | None  # (lo, hi) when row i uses slot lo + i: gathers become slices
+
+    def gather(self, stacked: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """stacked[..., slots[i], ...] along `dim` for every row: a view when the slots are consecutive."""
+        if self.slot_range is not None:
+            return stacked.narrow(dim, self.slot_range[0], self.slot_range[1] - self.slot_range[0])
+        return stacked.index_select(dim, self.slots)
 
 
 @dataclass(frozen=True)
@@ -176,5 +183,7 @@ def _group(pool, segments, sorted_ids, layout, chooser, d_in, d_out, device) -> 
     path = chooser.choose(shape)
     if path not in PATHS_BY_KIND[spec.kind]:
         raise ValueError(f"path {path.value} cannot run {spec.kind.value} adapters")
-    slots = (sorted_ids[start:end] - layout.offsets[pool]).to(device)
-    return PoolGroup(pool, path, start, end, slots, tuple(segments))
+    local = sorted_ids[start:end] - layout.offsets[pool]
+    consecutive = len(segments) == end - start and segments[-1].slot - segments[0].slot == end - start - 1
+    slot_range = (segments[0].slot, segments[-1].slot + 1) if consecutive else None
+    return PoolGroup(pool, path, start, end, local.to(device), tuple(segments), slot_range)

@@ -127,18 +127,22 @@ class FixedPaths:
         return {AdapterKind.FLORA: self.flora, AdapterKind.LORA: self.lora, AdapterKind.IA3: KernelPath.IA3}[shape.kind]
 
 
-# Calibration probes: (rows n, distinct adapters U, rank R) at one layer width.
-# They vary launches and MACs independently so both coefficients are identifiable.
-_PROBES = ((1, 1, 1), (8, 8, 4), (64, 4, 16), (256, 256, 8), (512, 2, 4))
+# Calibration probes: (rows n, distinct adapters U, rank R). They vary launches and
+# MACs independently so both coefficients are identifiable.
+_PROBES = ((1, 1, 1), (8, 8, 4), (64, 4, 16), (64, 64, 8), (512, 2, 4))
 
 
-def calibrate(dtype: torch.dtype = torch.float32, d: int = 512, repeats: int = 7) -> CostModel:
-    """Time every path on a few probe shapes here and fit its two coefficients (~1 s)."""
-    weight = torch.randn(d, d, dtype=dtype) / math.sqrt(d)
+def calibrate(dtype: torch.dtype = torch.float32, d_in: int = 512, d_out: int = 512, repeats: int = 7) -> CostModel:
+    """Time every path on a few probe shapes here and fit its two coefficients.
+
+    Calibrate at the served layers' own width: per-MAC costs depend on whether a weight
+    fits in cache (merging W0 ∘ (BA)ᵀ at d = 512 is cache-resident, at d = 2048 it streams
+    memory). ~1 s at d = 512, a few seconds at StarCoder-1B's 2048."""
+    weight = torch.randn(d_out, d_in, dtype=dtype) / math.sqrt(d_in)
     samples: dict[KernelPath | None, list[tuple[float, float, float]]] = {}
     for n, u, r in _PROBES:
         for path in (None, *KernelPath):
-            shape = GroupShape(_kind_of(path), n, u, r, d, d)
+            shape = GroupShape(_kind_of(path), n, u, r, d_in, d_out)
             seconds = _time_path(path, shape, weight, repeats)
             samples.setdefault(path, []).append((*path_load(path, shape), seconds))
     fitted = {path: _fit(points) for path, points in samples.items()}
@@ -156,12 +160,14 @@ def _time_path(path: KernelPath | None, s: GroupShape, weight: torch.Tensor, rep
     y = torch.empty(s.rows, s.d_out, dtype=weight.dtype)
     if path is None:
         return _min_seconds(lambda: linear_into(y, x, weight, None), repeats)
-    layout = SlotLayout((SlotPool(s.kind, 1 if s.kind is AdapterKind.IA3 else s.rank, s.adapters),))
+    # Every other slot of a pool twice the size: rows' slots are never consecutive, so the probes
+    # measure the gathering kernels as they run in general (consecutive slots only get faster).
+    layout = SlotLayout((SlotPool(s.kind, 1 if s.kind is AdapterKind.IA3 else s.rank, 2 * s.adapters),))
     slots = LayerSlots(layout, s.d_in, s.d_out, weight.dtype)
     for p in slots.pools:
         for t in vars(p).values():
             t.normal_()
-    ids = torch.arange(s.rows) * s.adapters // s.rows  # U equal segments
+    ids = 2 * (torch.arange(s.rows) * s.adapters // s.rows)  # U equal segments
     group = AdapterBatch.build(ids, layout, FixedPaths(path, path), s.d_in, s.d_out).groups[0]
     kernel, pool = KERNELS[path], slots.pools[0]
     return _min_seconds(lambda: kernel(x, y, weight, None, pool, group), repeats)
@@ -180,11 +186,11 @@ def _min_seconds(fn, repeats: int) -> float:
 
 def _fit(points: list[tuple[float, float, float]]) -> PathCost:
     """(launches, macs, seconds) probes -> the two coefficients, each from the probe that pins it best:
-    the overhead from the smallest probe (almost no work), the per-MAC cost from the largest one
-    after taking its launches' overhead off. Two well-separated points resist noise better than a
-    least-squares fit, where one slow outlier can zero a coefficient."""
-    small = min(points, key=lambda p: p[1])
-    large = max(points, key=lambda p: p[1])
+    the overhead from the one with the least work per launch, the per-MAC cost from the one with the
+    most, after taking its launches' overhead off. Two well-separated points resist noise better
+    than a least-squares fit, where one slow outlier can zero a coefficient."""
+    small = min(points, key=lambda p: p[1] / p[0])
+    large = max(points, key=lambda p: p[1] / p[0])
     overhead = small[2] / small[0]
     per_mac = max(large[2] - overhead * large[0], 0.0) / large[1]
     return PathCost(overhead, per_mac)

@@ -20,7 +20,7 @@ from services.engine.adapter_batch import PathChooser
 from services.engine.adapter_manager import Adapter, AdapterManager
 from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
-from services.engine.cost_model import calibrate
+from services.engine.cost_model import CostModel, calibrate
 from services.engine.detokenizer import IncrementalDetokenizer, Tokenizer
 from services.engine.model_runner import ModelRunner
 from services.engine.models import CausalLM
@@ -70,7 +70,7 @@ class LLMEngine:
         model = load_model(model_dir, config.adapter_modules, config.layout, config.torch_dtype)
         eos = json.loads((model_dir / "config.json").read_text()).get("eos_token_id")
         eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
-        return cls(model, AutoTokenizer.from_pretrained(model_dir), config, chooser or calibrate(config.torch_dtype), eos_ids)
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), config, chooser or calibrate_for(model, config), eos_ids)
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -190,3 +190,11 @@ def _stream_delta(detok: IncrementalDetokenizer, stops: tuple[str, ...], reason:
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest suffix of text that is a proper prefix of a stop string."""
     return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+def calibrate_for(model: CausalLM, config: EngineConfig) -> CostModel:
+    """The cost model, measured at the width of the model's first adapted layer type."""
+    layers = list(model.adapted_layers().values())
+    if not layers:
+        return calibrate(config.torch_dtype, repeats=1)  # nothing to choose: a token calibration
+    return calibrate(config.torch_dtype, layers[0].d_in, layers[0].d_out)

