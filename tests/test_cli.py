@@ -30,8 +30,9 @@ def test_unknown_arguments_fail_clearly(capsys):
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_demo_runs_and_matches_reference():
-    """`make run`'s job: every tenant's rows agree with the dense reference."""
-    out = subprocess.run([sys.executable, "-m", "services.cli", "demo"], capture_output=True, text=True, check=True, timeout=300).stdout
-    errors = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "max rel err" in line]
-    assert len(errors) == 5 and max(errors) < 1e-5
+def test_demo_serves_every_tenant_as_if_alone():
+    """`make run`'s job: four tenants (FLoRA, LoRA, IA3 files validated by the store, and the base
+    model) in one continuous batch, each getting exactly the tokens it gets alone."""
+    out = subprocess.run([sys.executable, "-m", "services.cli", "demo"], capture_output=True, text=True, check=True, timeout=600).stdout
+    assert out.count(": valid ") == 3
+    assert out.count("[same as alone]") == 4 and "DIFFERS" not in out

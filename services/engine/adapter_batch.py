@@ -36,12 +36,13 @@ class KernelPath(enum.Enum):
     LORA_BMM = "lora_bmm"  # paper appendix A.2: per-row A/B gathered, two torch.bmm
     LORA_GATHER = "lora_gather"  # BGMV-style: per-token gathered A/B, gather-matvec (einsum)
     LORA_SEGMENT = "lora_segment"  # SGMV-style: one (x A) B pair of GEMMs per adapter segment
+    LORA_STACKED = "lora_stacked"  # the group's U adapters stacked: two GEMMs of U·R columns and a mask
     IA3 = "ia3"  # per-row scaling vectors
 
 
 PATHS_BY_KIND: dict[AdapterKind, tuple[KernelPath, ...]] = {
     AdapterKind.FLORA: (KernelPath.FLORA, KernelPath.FLORA_SEGMENT),
-    AdapterKind.LORA: (KernelPath.LORA_BMM, KernelPath.LORA_GATHER, KernelPath.LORA_SEGMENT),
+    AdapterKind.LORA: (KernelPath.LORA_BMM, KernelPath.LORA_GATHER, KernelPath.LORA_SEGMENT, KernelPath.LORA_STACKED),
     AdapterKind.IA3: (KernelPath.IA3,),
 }
 
@@ -78,6 +79,20 @@ class PoolGroup:
     slots: torch.Tensor  # [end - start] int64, local slot of each row (ascending)
     segments: tuple[Segment, ...]  # one per distinct adapter, covering [start, end)
     slot_range: tuple[int, int] | None  # (lo, hi) when row i uses slot lo + i: gathers become slices
+
+    def gather_adapters(self, stacked: torch.Tensor) -> torch.Tensor:
+        """stacked[u] for the group's U distinct slots, in row order: a view when they are consecutive."""
+        first, last = self.segments[0].slot, self.segments[-1].slot
+        if last - first == len(self.segments) - 1:
+            return stacked[first : last + 1]
+        return stacked.index_select(0, torch.tensor([seg.slot for seg in self.segments], device=stacked.device))
+
+    @functools.cached_property
+    def adapter_mask(self) -> torch.Tensor:
+        """[n, U] bool: row i uses the group's u-th distinct adapter."""
+        sizes = torch.tensor([seg.end - seg.start for seg in self.segments])
+        owner = torch.arange(len(self.segments)).repeat_interleave(sizes)  # [n]
+        return torch.nn.functional.one_hot(owner, len(self.segments)).bool().to(self.slots.device)
 
     def gather(self, stacked: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """stacked[..., slots[i], ...] along `dim` for every row: a view when the slots are consecutive."""

@@ -50,6 +50,8 @@ def path_load(path: KernelPath | None, s: GroupShape) -> tuple[float, float]:
             return 1, n * r * (d_in + d_out)
         case KernelPath.LORA_SEGMENT:
             return u, n * r * (d_in + d_out)
+        case KernelPath.LORA_STACKED:
+            return 1, n * u * r * (d_in + d_out)
         case KernelPath.IA3:
             return 1, n * (d_in + d_out)
     raise ValueError(f"unknown path {path}")

@@ -17,7 +17,7 @@ def test_quick_run_writes_complete_report(tmp_path, capsys):
     assert all(c["seconds"] > 0 and c["base_seconds"] > 0 and c["ratio"] > 0 for c in report["cells"])
     assert {(x["rows"], x["shape"]) for x in report["crossover"]} == {(4, "tiny"), (16, "tiny")}
     assert all(x["c1_over_c2"] > 0 for x in report["crossover"])
-    assert len(report["rank_isolation"]["ratios"]) == 2 and len(report["per_sequence_prefill"]["ratios"]) == 7
+    assert len(report["rank_isolation"]["ratios"]) == 2 and len(report["per_sequence_prefill"]["ratios"]) == 8
     table = (tmp_path / "kernels.md").read_text()
     assert "| rank | base ms | flora |" in table and "Crossover" in table and report["command"] in table
     assert (tmp_path / "kernels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.engine.adapter_batch import AdapterBatch, KernelPath
+from services.engine.adapter_batch import PATHS_BY_KIND, AdapterBatch, KernelPath
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import LayerSlots, SlotLayout, SlotPool
 from services.engine.adapter_weights import FloraWeights
@@ -20,8 +20,8 @@ from services.engine.reference import reference_linear
 from tests.engine.helpers import fill_slots, rel_err
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
-FLORA_PATHS = (KernelPath.FLORA, KernelPath.FLORA_SEGMENT)
-LORA_PATHS = (KernelPath.LORA_BMM, KernelPath.LORA_GATHER, KernelPath.LORA_SEGMENT)
+FLORA_PATHS = PATHS_BY_KIND[AdapterKind.FLORA]
+LORA_PATHS = PATHS_BY_KIND[AdapterKind.LORA]
 ALL_CHOOSERS = [FixedPaths(f, l) for f, l in itertools.product(FLORA_PATHS, LORA_PATHS)]
 
 # Every kind, several rank capacities up to 32: rows of all of them meet in one batch.

@@ -15,7 +15,7 @@ import torch
 from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-from services.engine.adapter_batch import AdapterBatch, KernelPath
+from services.engine.adapter_batch import PATHS_BY_KIND, AdapterBatch
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import SlotLayout, SlotPool
 from services.engine.adapter_weights import Ia3Weights, LoraWeights
@@ -70,7 +70,7 @@ def mixed_lora_case():
     return ours, layout, input_ids, slot_ids, expected
 
 
-@pytest.mark.parametrize("path", [KernelPath.LORA_BMM, KernelPath.LORA_GATHER, KernelPath.LORA_SEGMENT])
+@pytest.mark.parametrize("path", PATHS_BY_KIND[AdapterKind.LORA])
 def test_mixed_lora_batch_matches_peft(mixed_lora_case, path):
     ours, layout, input_ids, slot_ids, expected = mixed_lora_case
     d = ours.config.n_embd
