@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.adapters import random_adapter
+from benchmarks.timing import machine
 from services.engine.adapter_batch import KernelPath
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import SlotPool
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  rank {row['rank']} latency: " + ", ".join(f"{k} {v:.3f}" for k, v in row["latency"].items()) + " s/token", file=sys.stderr, flush=True)
     report = dict(
         command="flora-gateway bench figure2 " + " ".join(argv if argv is not None else sys.argv[1:]),
-        machine=f"{platform.processor() or platform.machine()}, torch {torch.__version__}", model=args.model,
+        machine=machine(), model=args.model,
         threads=args.threads, requests=args.requests, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         latency_requests=args.latency_requests, rate=rate, configs=[c.name for c in CONFIGS], ranks=rows,
     )

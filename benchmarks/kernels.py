@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.timing import Paired, paired
+from benchmarks.timing import Paired, machine, paired
 from services.engine.adapter_batch import PATHS_BY_KIND, AdapterBatch, KernelPath
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import LayerSlots, SlotLayout, SlotPool
@@ -178,15 +177,16 @@ def plot(report: dict, path: Path) -> None:
     cells = [Cell(**c) for c in report["cells"]]
     shapes = list(dict.fromkeys(c.shape for c in cells))
     row_counts = sorted({c.rows for c in cells})
+    colors = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(c.path for c in cells))}  # one color per path in every panel
     fig, axes = plt.subplots(len(shapes), len(row_counts), figsize=(5.5 * len(row_counts), 3.8 * len(shapes)), squeeze=False)
     for i, shape in enumerate(shapes):
         for j, rows in enumerate(row_counts):
             ax = axes[i][j]
             ax.axhline(1.0, color="black", linestyle="--", label="base layer (no adapter)")
-            for p in dict.fromkeys(c.path for c in cells):
+            for p, color in colors.items():
                 pts = sorted((c.rank, c.ratio) for c in cells if c.shape == shape and c.rows == rows and c.path == p)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=p)
+                    ax.plot(*zip(*pts), marker="o", label=p, color=color)
             ax.set(xscale="log", yscale="log", xlabel="rank", ylabel="time / base layer", title=f"{shape}, {rows} rows")
             ax.set_xticks([1, 2, 4, 8, 16, 32], labels=["1", "2", "4", "8", "16", "32"])
             ax.grid(alpha=0.3)
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(QUICK if args.quick else STARCODER, tuple(args.rows), tuple(args.ranks), dtype)
     report.update(
         command="flora-gateway bench kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
-        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
+        machine=machine(),
         dtype=args.dtype,
         threads=args.threads,
     )

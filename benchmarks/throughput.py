@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.adapters import random_adapter
+from benchmarks.timing import machine
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import SlotPool
 from services.engine.config import EngineConfig
@@ -122,7 +122,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"Single stream (1 request, no adapter): {report['single_stream_tokens_per_s']:.1f} tokens/s.", ""]
     lines += [f"Peak RSS of the benchmark process (all {len(report['results'])} engines loaded at once, each with its own weights and a 256 MiB KV cache): {report['peak_rss_mib']:.0f} MiB.", ""]
     lines += ["Tensor memory of one engine (weights + adapter slots + KV cache): " + "; ".join(f"{k}: {v:.0f} MiB" for k, v in report["engine_mib"].items()) + ".", ""]
-    lines += ["Peers on this 2-core machine (from the issue, not re-measured here): " + "; ".join(f"{k}: {a} tok/s without adapters, {b} with two rank-8 LoRA mixed" for k, (a, b) in PEERS.items()) + "."]
+    lines += ["Peers, as the issue gives them for its 2-core reference machine (not re-measured on this host, whose CPU is above): "
+              + "; ".join(f"{k}: {a} tok/s without adapters, {b} with two rank-8 LoRA mixed" for k, (a, b) in PEERS.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     results = round_robin(engines, args.requests, args.new_tokens, args.rounds)
     report = dict(
         command="flora-gateway bench throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
-        machine=f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        machine=machine(),
         requests=args.requests, new_tokens=args.new_tokens, threads=args.threads, rounds=args.rounds, results=results,
         single_stream_tokens_per_s=single_stream(engines[0], args.new_tokens),
         engine_mib={sc.name: engine_mib(e) for e, sc in zip(engines, SCENARIOS)},

@@ -37,3 +37,16 @@ def paired(reference: Callable[[], object], candidate: Callable[[], object], min
         refs.append(seconds(reference))
         cands.append(seconds(candidate))
     return Paired(statistics.median(refs), statistics.median(cands), statistics.median(c / r for c, r in zip(cands, refs)))
+
+
+def machine() -> str:
+    """CPU model, core count, whether it has native bf16, and torch: the context every result needs."""
+    import os
+    import platform
+
+    import torch
+
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.machine())
+    bf16 = "with" if "avx512_bf16" in info or "amx_bf16" in info else "without"
+    return f"{model}, {os.cpu_count()} cores, {bf16} AVX512-BF16, torch {torch.__version__}"

@@ -79,7 +79,7 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], adapter_id: str | None = None, params: SamplingParams = SamplingParams()) -> int:
         prompt_ids = self._encode(prompt)
-        self._check_fits(len(prompt_ids), params)
+        self._check_fits(len(prompt_ids))
         seq = Sequence(next(self._ids), prompt_ids, params, adapter_id)
         self.sequences[seq.seq_id] = seq
         if self.tokenizer is not None:
@@ -101,6 +101,9 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
+        now = time.perf_counter()
+        for c in chunks:
+            c.seq.timings.first_scheduled = c.seq.timings.first_scheduled or now  # queue time ends here
         sampled, logits = self.runner.run(chunks)
         tokens = sample(logits.float(), [c.seq.params for c in sampled], [c.seq.generator for c in sampled])
         self._advance(chunks)
@@ -116,10 +119,8 @@ class LLMEngine:
     # --- helpers ----------------------------------------------------------------------------
 
     def _advance(self, chunks: list[ScheduledChunk]) -> None:
-        now = time.perf_counter()
         for c in chunks:
             c.seq.num_cached += c.num_new
-            c.seq.timings.first_scheduled = c.seq.timings.first_scheduled or now
 
     def _postprocess(self, seq: Sequence, token: int) -> StepOutput:
         seq.output_ids.append(token)
@@ -166,7 +167,7 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def _check_fits(self, num_prompt: int, params: SamplingParams) -> None:
+    def _check_fits(self, num_prompt: int) -> None:
         if num_prompt == 0:
             raise ValueError("the prompt is empty")
         if num_prompt >= self.model.max_positions:

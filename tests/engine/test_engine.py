@@ -6,14 +6,16 @@ import asyncio
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import GPTBigCodeForCausalLM
 
-from services.engine.adapter_format import AdapterKind
-from services.engine.adapter_slots import SlotPool
+from services.engine.adapter_format import AdapterKind, AdapterSpec
+from services.engine.adapter_manager import Adapter
+from services.engine.adapter_weights import LoraWeights
 from services.engine.async_engine import AsyncEngine
 from services.engine.sampling import SamplingParams
 from services.engine.sequence import FinishReason
-from tests.engine.engine_fixtures import EOS, adapter, make_engine, save_tiny_gpt_bigcode
+from tests.engine.engine_fixtures import adapter, make_engine, save_tiny_gpt_bigcode
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 9, 14, 3, 22], [40, 41], [7] * 11, [60, 2, 61, 62, 63, 64, 65], [11, 12, 13]]
@@ -190,3 +192,26 @@ def test_request_waits_for_its_adapter_without_stalling_others(model_dir):
     assert [o.seq_id for o in outputs] == [other]
     engine.add_adapter(adapter("late", AdapterKind.FLORA, 1, engine, seed=7))
     assert pending in {o.seq_id for o in engine.step()}
+
+
+def test_peft_lora_adapter_gives_peft_greedy_tokens(model_dir):
+    """A PEFT LoRA adapter (r=4 on c_attn) in the engine, beside a base request, gives PEFT's greedy tokens."""
+    torch.manual_seed(5)
+    hf = GPTBigCodeForCausalLM.from_pretrained(model_dir).eval()
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False)).eval()
+    with torch.no_grad():  # a trained-looking adapter: large enough to change greedy tokens
+        for module in peft_model.modules():
+            if hasattr(module, "lora_B") and "default" in getattr(module, "lora_B", {}):
+                module.lora_B["default"].weight.mul_(3)
+    engine = make_engine(model_dir)
+    weights = {}
+    for name in engine.model.adapted_layers():
+        if name.endswith("attn.c_attn"):
+            peft_layer = peft_model.get_submodule(f"base_model.model.{name}")
+            weights[name] = LoraWeights(peft_layer.lora_A["default"].weight.detach(), peft_layer.lora_B["default"].weight.detach(), peft_layer.scaling["default"])
+    engine.add_adapter(Adapter("peft", AdapterSpec(AdapterKind.LORA, 4, tuple(weights), "tiny", alpha=8.0), weights))
+    seqs = engine.generate([PROMPTS[0], PROMPTS[0]], ["peft", None], GREEDY)
+    assert seqs[0].output_ids == hf_greedy(peft_model, PROMPTS[0], 12)
+    with peft_model.disable_adapter():
+        assert seqs[1].output_ids == hf_greedy(peft_model, PROMPTS[0], 12)
+    assert seqs[0].output_ids != seqs[1].output_ids
