@@ -53,6 +53,7 @@ class LLMEngine:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block ({per_block} bytes each)")
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
+        self._max_tokens = min(model.max_positions, num_blocks * config.block_size)  # one sequence can never exceed this
         self.runner = ModelRunner(model, config.layout, self.adapters, chooser, num_blocks, config.block_size, config.torch_dtype)
         self.sequences: dict[int, Sequence] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -140,8 +141,8 @@ class LLMEngine:
         detok = self.detokenizers.get(seq.seq_id)
         if detok is not None and any(s in detok.text for s in seq.params.stop):
             return FinishReason.STOP
-        if len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.model.max_positions:
-            return FinishReason.LENGTH
+        if len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self._max_tokens:
+            return FinishReason.LENGTH  # asked for no more, or the model's context or the whole KV cache is full
         return None
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:

@@ -215,3 +215,10 @@ def test_peft_lora_adapter_gives_peft_greedy_tokens(model_dir):
     with peft_model.disable_adapter():
         assert seqs[1].output_ids == hf_greedy(peft_model, PROMPTS[0], 12)
     assert seqs[0].output_ids != seqs[1].output_ids
+
+
+def test_sequence_longer_than_the_whole_kv_cache_finishes_instead_of_waiting_forever(model_dir):
+    engine = make_engine(model_dir, kv_cache_bytes=4 * 512)  # 16 positions in all
+    seq = engine.generate([PROMPTS[0]], [None], SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True))[0]
+    assert seq.finish_reason is FinishReason.LENGTH and seq.num_tokens == 16
+    assert engine.blocks.num_free == engine.blocks.num_blocks
