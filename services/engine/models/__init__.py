@@ -160,8 +160,34 @@ def require_cache(k_cache: torch.Tensor | None) -> torch.Tensor:
     return k_cache
 
 
-def adapted_layers(model: nn.Module) -> dict[str, MultiAdapterLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, MultiAdapterLinear)}
+class CausalLMBase(nn.Module):
+    """What the architectures share: the (possibly tied) LM head, KV-cache wiring, adapted layers.
+    A subclass builds its blocks in __init__ and names its token embedding and attention layers."""
+
+    def __init__(self, spec: BuildSpec, tie_word_embeddings: bool, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.dtype, self.tie_word_embeddings = spec.dtype, tie_word_embeddings
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        if not tie_word_embeddings:
+            self.lm_head = spec.linear("lm_head", hidden_size, vocab_size, bias=False)
+
+    def token_embedding(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def attention_layers(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, d] -> [B, vocab]"""
+        weight = self.token_embedding().weight if self.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def attach_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """k_cache, v_cache [num_layers, slots, kv_heads, head_dim]"""
+        attach_kv_cache(self.attention_layers(), k_cache, v_cache, self.num_kv_heads, self.head_dim, self.dtype)
+
+    def adapted_layers(self) -> dict[str, MultiAdapterLinear]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, MultiAdapterLinear)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,8 +30,7 @@ from services.engine.model_shapes import ModelConfigError
 from services.engine.models import (
     ACTIVATIONS,
     BuildSpec,
-    adapted_layers,
-    attach_kv_cache,
+    CausalLMBase,
     read_bool,
     read_float,
     read_int,
@@ -149,7 +148,7 @@ class GPTBigCodeModel(nn.Module):
         self.ln_f = spec.layer_norm(c.n_embd, c.layer_norm_epsilon)
 
 
-class GPTBigCodeForCausalLM(nn.Module):
+class GPTBigCodeForCausalLM(CausalLMBase):
     """Implements models.CausalLM. Parameter names are the HF checkpoint's."""
 
     def __init__(
@@ -160,14 +159,12 @@ class GPTBigCodeForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        super().__init__()
         spec = BuildSpec.create(adapter_modules, ADAPTER_MODULES, layout, dtype, device)
-        self.config, self.dtype = config, dtype
+        super().__init__(spec, config.tie_word_embeddings, config.n_embd, config.vocab_size)
+        self.config = config
         self.num_layers, self.num_kv_heads, self.head_dim = config.n_layer, config.kv_heads, config.head_dim
-        self.vocab_size, self.max_positions, self.hidden_size = config.vocab_size, config.n_positions, config.n_embd
+        self.max_positions = config.n_positions
         self.transformer = GPTBigCodeModel(config, spec)
-        if not config.tie_word_embeddings:
-            self.lm_head = spec.linear("lm_head", config.n_embd, config.vocab_size, bias=False)
         self.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -178,15 +175,8 @@ class GPTBigCodeForCausalLM(nn.Module):
             x = block(x)
         return t.ln_f(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, d] -> [B, vocab]"""
-        weight = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight)
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.wte
 
-    def attach_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        """k_cache, v_cache [n_layer, slots, kv_heads, head_dim]"""
-        attns = [block.attn for block in self.transformer.h]
-        attach_kv_cache(attns, k_cache, v_cache, self.num_kv_heads, self.head_dim, self.dtype)
-
-    def adapted_layers(self) -> dict[str, MultiAdapterLinear]:
-        return adapted_layers(self)
+    def attention_layers(self) -> list[nn.Module]:
+        return [block.attn for block in self.transformer.h]

@@ -31,9 +31,8 @@ from services.engine.model_shapes import ModelConfigError
 from services.engine.models import (
     ACTIVATIONS,
     BuildSpec,
+    CausalLMBase,
     RMSNorm,
-    adapted_layers,
-    attach_kv_cache,
     read_bool,
     read_float,
     read_int,
@@ -225,7 +224,7 @@ class LlamaModel(nn.Module):
         self.register_buffer("rope_sin", emb.sin().to(spec.device, spec.dtype), persistent=False)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLMBase):
     """Implements models.CausalLM. Parameter names are the HF checkpoint's."""
 
     def __init__(
@@ -236,14 +235,12 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        super().__init__()
         spec = BuildSpec.create(adapter_modules, ADAPTER_MODULES, layout, dtype, device)
-        self.config, self.dtype = config, dtype
+        super().__init__(spec, config.tie_word_embeddings, config.hidden_size, config.vocab_size)
+        self.config = config
         self.num_layers, self.num_kv_heads, self.head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        self.vocab_size, self.max_positions, self.hidden_size = config.vocab_size, config.max_position_embeddings, config.hidden_size
+        self.max_positions = config.max_position_embeddings
         self.model = LlamaModel(config, spec)
-        if not config.tie_word_embeddings:
-            self.lm_head = spec.linear("lm_head", config.hidden_size, config.vocab_size, bias=False)
         self.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -255,15 +252,8 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin)
         return m.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, d] -> [B, vocab]"""
-        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight)
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
-    def attach_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        """k_cache, v_cache [num_hidden_layers, slots, kv_heads, head_dim]"""
-        attns = [layer.self_attn for layer in self.model.layers]
-        attach_kv_cache(attns, k_cache, v_cache, self.num_kv_heads, self.head_dim, self.dtype)
-
-    def adapted_layers(self) -> dict[str, MultiAdapterLinear]:
-        return adapted_layers(self)
+    def attention_layers(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.model.layers]
