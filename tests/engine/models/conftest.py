@@ -100,3 +100,21 @@ def check_ragged_steps(runner: PagedRunner, hf_model: torch.nn.Module, prompts: 
             assert diff <= TOLERANCE, f"step {k}, sequence {i}: max logit diff {diff:.2e}"
             worst = max(worst, diff)
     return worst
+
+
+def saved_checkpoint(hf_model: torch.nn.Module, directory) -> tuple[torch.nn.Module, object]:
+    """A transformers model with its small parameters perturbed, saved as safetensors: (model, dir)."""
+    hf_model.eval()
+    perturb_small_params(hf_model, torch.Generator().manual_seed(1))
+    hf_model.save_pretrained(directory)
+    return hf_model, directory
+
+
+def assert_matches_transformers(ours: CausalLM, hf_model: torch.nn.Module, prompt_lengths, plan, max_len: int, vocab: int) -> None:
+    """Our logits equal transformers' for a ragged prefill of `prompt_lengths` and every step of `plan`."""
+    gen = torch.Generator().manual_seed(2)
+    prompts = [random_tokens(gen, n, vocab) for n in prompt_lengths]
+    with torch.inference_mode():
+        worst = check_ragged_steps(PagedRunner(ours, len(prompts), max_len), hf_model, prompts, plan, gen, vocab)
+        scale = hf_logits(hf_model, max(prompts, key=len)).abs().max()
+    assert worst <= TOLERANCE and scale > 1.0  # logits big enough that 1e-4 means something

@@ -19,13 +19,13 @@ from services.engine.model_shapes import ModelConfigError
 from services.engine.models.gpt_bigcode import ADAPTER_MODULES
 from services.engine.models.loader import CheckpointError, load_model, random_model, starcoder_config
 from tests.engine.models.conftest import (
+    assert_matches_transformers,
+    saved_checkpoint,
     TOLERANCE,
     PagedRunner,
-    check_ragged_steps,
     hf_logits,
     load_peft_lora,
     max_diff,
-    perturb_small_params,
     random_tokens,
 )
 
@@ -49,11 +49,7 @@ def tiny_config(multi_query: bool) -> GPTBigCodeConfig:
 def checkpoint(request, tmp_path_factory):
     """(transformers model, its saved safetensors directory)."""
     torch.manual_seed(0)
-    hf = GPTBigCodeForCausalLM(tiny_config(request.param)).eval()
-    perturb_small_params(hf, torch.Generator().manual_seed(1))
-    path = tmp_path_factory.mktemp("gpt_bigcode")
-    hf.save_pretrained(path)
-    return hf, path
+    return saved_checkpoint(GPTBigCodeForCausalLM(tiny_config(request.param)), tmp_path_factory.mktemp("gpt_bigcode"))
 
 
 @pytest.mark.parametrize("adapter_modules", [(), ADAPTER_MODULES], ids=["plain", "all-adaptable"])
@@ -61,12 +57,7 @@ def test_ragged_prefill_and_decode_match_transformers(checkpoint, adapter_module
     hf, path = checkpoint
     ours = load_model(path, adapter_modules, LORA_LAYOUT)
     assert len(ours.adapted_layers()) == 2 * len(adapter_modules)
-    gen = torch.Generator().manual_seed(2)
-    prompts = [random_tokens(gen, n, VOCAB) for n in PROMPT_LENGTHS]
-    with torch.inference_mode():
-        worst = check_ragged_steps(PagedRunner(ours, len(prompts), 24), hf, prompts, PLAN, gen, VOCAB)
-        scale = hf_logits(hf, prompts[1]).abs().max()
-    assert worst <= TOLERANCE and scale > 1.0  # logits big enough that 1e-4 means something
+    assert_matches_transformers(ours, hf, PROMPT_LENGTHS, PLAN, 24, VOCAB)
 
 
 def test_model_interface(checkpoint):

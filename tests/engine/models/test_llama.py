@@ -13,13 +13,13 @@ from services.engine.model_shapes import ModelConfigError
 from services.engine.models.llama import ADAPTER_MODULES, LlamaConfig as OurLlamaConfig, RopeConfig
 from services.engine.models.loader import build_model, load_model
 from tests.engine.models.conftest import (
+    assert_matches_transformers,
+    saved_checkpoint,
     TOLERANCE,
     PagedRunner,
-    check_ragged_steps,
     hf_logits,
     load_peft_lora,
     max_diff,
-    perturb_small_params,
     random_tokens,
 )
 
@@ -55,11 +55,7 @@ def tiny_config(variant: str) -> LlamaConfig:
 def checkpoint(request, tmp_path_factory):
     """(transformers model, its saved safetensors directory)."""
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(tiny_config(request.param)).eval()
-    perturb_small_params(hf, torch.Generator().manual_seed(1))
-    path = tmp_path_factory.mktemp("llama")
-    hf.save_pretrained(path)
-    return hf, path
+    return saved_checkpoint(LlamaForCausalLM(tiny_config(request.param)), tmp_path_factory.mktemp("llama"))
 
 
 @pytest.mark.parametrize("adapter_modules", [(), ADAPTER_MODULES], ids=["plain", "all-adaptable"])
@@ -68,12 +64,7 @@ def test_ragged_prefill_and_decode_match_transformers(checkpoint, adapter_module
     ours = load_model(path, adapter_modules, LORA_LAYOUT)
     assert (ours.num_kv_heads, ours.head_dim, ours.num_layers) == (2, 16, 2)
     assert len(ours.adapted_layers()) == 2 * len(adapter_modules)
-    gen = torch.Generator().manual_seed(2)
-    prompts = [random_tokens(gen, n, VOCAB) for n in PROMPT_LENGTHS]
-    with torch.inference_mode():
-        worst = check_ragged_steps(PagedRunner(ours, len(prompts), 28), hf, prompts, PLAN, gen, VOCAB)
-        scale = hf_logits(hf, prompts[2]).abs().max()
-    assert worst <= TOLERANCE and scale > 1.0  # logits big enough that 1e-4 means something
+    assert_matches_transformers(ours, hf, PROMPT_LENGTHS, PLAN, 28, VOCAB)
 
 
 def test_tied_head_shares_the_embedding(checkpoint):
