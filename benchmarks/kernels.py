@@ -27,6 +27,7 @@ from benchmarks.timing import Paired, machine, paired
 from services.engine.adapter_batch import PATHS_BY_KIND, AdapterBatch, KernelPath
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import LayerSlots, SlotLayout, SlotPool
+from services.engine.base_weights import DenseWeight, Quantization
 from services.engine.cost_model import CostModel, FixedPaths, calibrate
 from services.engine.layers import multi_adapter_linear
 
@@ -64,7 +65,7 @@ class Layer:
 
     def __init__(self, shape: LayerShape, rank: int, slots: int, dtype: torch.dtype):
         self.shape = shape
-        self.weight = torch.randn(shape.d_out, shape.d_in, dtype=dtype) / math.sqrt(shape.d_in)
+        self.weight = DenseWeight(torch.randn(shape.d_out, shape.d_in, dtype=dtype) / math.sqrt(shape.d_in))
         self.bias = torch.randn(shape.d_out, dtype=dtype)
         self.layout = SlotLayout((SlotPool(AdapterKind.FLORA, rank, slots), SlotPool(AdapterKind.LORA, rank, slots)))
         self.slots = LayerSlots(self.layout, shape.d_in, shape.d_out, dtype)
@@ -197,7 +198,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def run(shapes: tuple[LayerShape, ...], row_counts: tuple[int, ...], ranks: tuple[int, ...], dtype: torch.dtype) -> dict:
-    model = calibrate(dtype, shapes[0].d_in, shapes[0].d_out)  # the cost model's choices below are for shapes[0]
+    model = calibrate(dtype, Quantization.NONE, shapes[0].d_in, shapes[0].d_out)  # the cost model's choices below are for shapes[0]
     cells: list[Cell] = []
     for shape in shapes:
         for rows in row_counts:

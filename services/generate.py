@@ -9,6 +9,7 @@ from pathlib import Path
 from adapters_store.format import load_layer_adapters
 from services.engine.adapter_manager import Adapter
 from services.engine.adapter_slots import SlotPool
+from services.engine.base_weights import Quantization
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.models.smollm2 import materialize_smollm2
@@ -30,12 +31,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     model_dir = materialize_smollm2() if args.model == "smollm2" else Path(args.model)
     adapter = None
-    config = EngineConfig(adapter_modules=(), pools=(), threads=args.threads, kv_cache_bytes=64 << 20)
+    quantization = Quantization(args.quantization)
+    config = EngineConfig(adapter_modules=(), pools=(), threads=args.threads, kv_cache_bytes=64 << 20, quantization=quantization)
     if args.adapter is not None:
         spec, weights = load_layer_adapters(args.adapter)
         adapter = Adapter(args.adapter.stem, spec, weights)
         modules = tuple(dict.fromkeys(module_type(m) for m in spec.targets))
-        config = EngineConfig(adapter_modules=modules, pools=(SlotPool(spec.kind, spec.rank, 1),), threads=args.threads, kv_cache_bytes=64 << 20)
+        pools = (SlotPool(spec.kind, spec.rank, 1),)
+        config = EngineConfig(adapter_modules=modules, pools=pools, threads=args.threads, kv_cache_bytes=64 << 20, quantization=quantization)
     engine = LLMEngine.from_model_dir(model_dir, config)
     if adapter is not None:
         engine.add_adapter(adapter)

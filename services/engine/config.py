@@ -8,6 +8,7 @@ import torch
 
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import SlotLayout, SlotPool
+from services.engine.base_weights import Quantization
 from services.engine.scheduler import SchedulerConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,11 +29,18 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int = 1 << 30  # the KV budget; the cache is allocated once at start
     dtype: str = "float32"
+    # How the linears store their weights: dense in `dtype` (exact), or int8 with per-row
+    # int8 activations (base_weights.py: ~2x the decode throughput on a VNNI CPU, docs/engine.md).
+    quantization: Quantization = Quantization.NONE
     threads: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.quantization, Quantization):
+            raise ValueError(f"quantization must be one of {[q.value for q in Quantization]}, got {self.quantization!r}")
+        if self.quantization is Quantization.INT8 and self.dtype != "float32":
+            raise ValueError(f"int8 weights compute in float32 (their epilogue and the adapters), got dtype={self.dtype!r}")
         if self.block_size < 1 or self.kv_cache_bytes < 1 or self.threads < 1:
             raise ValueError(f"block_size, kv_cache_bytes and threads must be >= 1 (got {self.block_size}, {self.kv_cache_bytes}, {self.threads})")
         if len(set(self.adapter_modules)) != len(self.adapter_modules):

@@ -24,7 +24,8 @@ import torch
 from services.engine.adapter_batch import PATHS_BY_KIND, AdapterBatch, GroupShape, KernelPath
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import LayerSlots, SlotLayout, SlotPool
-from services.engine.kernels import FLORA_STACKED_ROWS, KERNELS, linear_into
+from services.engine.base_weights import BaseWeight, Quantization, base_weight
+from services.engine.kernels import FLORA_STACKED_ROWS, KERNELS
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class CostModel:
     base: PathCost  # the plain GEMM x @ W0ᵀ
     paths: dict[KernelPath, PathCost]
     dtype: str  # what it was calibrated in
+    quantization: str  # of the base weight it was calibrated with
     threads: int
 
     def cost(self, path: KernelPath) -> PathCost:
@@ -98,6 +100,7 @@ class CostModel:
     def save(self, path: Path) -> None:
         doc = {
             "dtype": self.dtype,
+            "quantization": self.quantization,
             "threads": self.threads,
             "base": asdict(self.base),
             "paths": {p.value: asdict(c) for p, c in self.paths.items()},
@@ -109,7 +112,7 @@ class CostModel:
         doc = json.loads(path.read_text())
         try:
             paths = {KernelPath(name): PathCost(**c) for name, c in doc["paths"].items()}
-            model = CostModel(PathCost(**doc["base"]), paths, doc["dtype"], int(doc["threads"]))
+            model = CostModel(PathCost(**doc["base"]), paths, doc["dtype"], doc["quantization"], int(doc["threads"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is not a cost-model profile: {e}") from e
         missing = set(KernelPath) - set(paths)
@@ -134,13 +137,16 @@ class FixedPaths:
 _PROBES = ((1, 1, 1), (8, 8, 4), (64, 4, 16), (64, 64, 8), (512, 2, 4))
 
 
-def calibrate(dtype: torch.dtype = torch.float32, d_in: int = 512, d_out: int = 512, repeats: int = 7) -> CostModel:
+def calibrate(
+    dtype: torch.dtype = torch.float32, quantization: Quantization = Quantization.NONE, d_in: int = 512, d_out: int = 512, repeats: int = 7
+) -> CostModel:
     """Time every path on a few probe shapes here and fit its two coefficients.
 
     Calibrate at the served layers' own width: per-MAC costs depend on whether a weight
     fits in cache (merging W0 ∘ (BA)ᵀ at d = 512 is cache-resident, at d = 2048 it streams
-    memory). ~1 s at d = 512, a few seconds at StarCoder-1B's 2048."""
-    weight = torch.randn(d_out, d_in, dtype=dtype) / math.sqrt(d_in)
+    memory). ~1 s at d = 512, a few seconds at StarCoder-1B's 2048. The base weight is stored
+    as the served model's (`quantization`): int8 makes FLoRA's GEMMs cheaper, not the LoRA paths."""
+    weight = base_weight(torch.randn(d_out, d_in, dtype=dtype) / math.sqrt(d_in), quantization)
     samples: dict[KernelPath | None, list[tuple[float, float, float]]] = {}
     for n, u, r in _PROBES:
         for path in (None, *KernelPath):
@@ -149,19 +155,19 @@ def calibrate(dtype: torch.dtype = torch.float32, d_in: int = 512, d_out: int = 
             samples.setdefault(path, []).append((*path_load(path, shape), seconds))
     fitted = {path: _fit(points) for path, points in samples.items()}
     paths = {p: fitted[p] for p in KernelPath}
-    return CostModel(fitted[None], paths, str(dtype).removeprefix("torch."), torch.get_num_threads())
+    return CostModel(fitted[None], paths, str(dtype).removeprefix("torch."), quantization.value, torch.get_num_threads())
 
 
 def _kind_of(path: KernelPath | None) -> AdapterKind:
     return next((k for k, ps in PATHS_BY_KIND.items() if path in ps), AdapterKind.LORA)
 
 
-def _time_path(path: KernelPath | None, s: GroupShape, weight: torch.Tensor, repeats: int) -> float:
+def _time_path(path: KernelPath | None, s: GroupShape, weight: BaseWeight, repeats: int) -> float:
     """Seconds of one kernel call on random adapters (None: the base GEMM)."""
     x = torch.randn(s.rows, s.d_in, dtype=weight.dtype)
     y = torch.empty(s.rows, s.d_out, dtype=weight.dtype)
     if path is None:
-        return _min_seconds(lambda: linear_into(y, x, weight, None), repeats)
+        return _min_seconds(lambda: weight.mm_into(y, x), repeats)
     # Every other slot of a pool twice the size: rows' slots are never consecutive, so the probes
     # measure the gathering kernels as they run in general (consecutive slots only get faster).
     layout = SlotLayout((SlotPool(s.kind, 1 if s.kind is AdapterKind.IA3 else s.rank, 2 * s.adapters),))

@@ -68,7 +68,7 @@ class LLMEngine:
         from services.engine.models.loader import load_model
 
         torch.set_num_threads(config.threads)
-        model = load_model(model_dir, config.adapter_modules, config.layout, config.torch_dtype)
+        model = load_model(model_dir, config.adapter_modules, config.layout, config.torch_dtype, quantization=config.quantization)
         eos = json.loads((model_dir / "config.json").read_text()).get("eos_token_id")
         eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         return cls(model, AutoTokenizer.from_pretrained(model_dir), config, chooser or calibrate_for(model, config), eos_ids)
@@ -198,5 +198,5 @@ def calibrate_for(model: CausalLM, config: EngineConfig) -> CostModel:
     """The cost model, measured at the width of the model's first adapted layer type."""
     layers = list(model.adapted_layers().values())
     if not layers:
-        return calibrate(config.torch_dtype, repeats=1)  # nothing to choose: a token calibration
-    return calibrate(config.torch_dtype, layers[0].d_in, layers[0].d_out)
+        return calibrate(config.torch_dtype, config.quantization, repeats=1)  # nothing to choose: a token calibration
+    return calibrate(config.torch_dtype, config.quantization, layers[0].d_in, layers[0].d_out)

@@ -16,21 +16,14 @@ import torch
 
 from services.engine.adapter_batch import KernelPath, PoolGroup
 from services.engine.adapter_slots import FloraPool, Ia3Pool, LoraPool, PoolStorage
+from services.engine.base_weights import BaseWeight, DenseWeight
 
 # FLoRA stacks several rank terms into one GEMM of (terms · n) rows; past this many
 # rows the stacked copy [terms, n, d_in] costs more memory than the bigger GEMM gains.
 FLORA_STACKED_ROWS = 4096
 
 
-def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Semantics: out = x @ weight.T + bias, written in place (out may be a row slice of y)."""
-    if bias is None:
-        torch.mm(x, weight.T, out=out)
-    else:
-        torch.addmm(bias, x, weight.T, out=out)
-
-
-def flora(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: FloraPool, g: PoolGroup) -> None:
+def flora(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: FloraPool, g: PoolGroup) -> None:
     """Semantics: y[t] = Σ_r a[r, s_t] ∘ ((x[t] ∘ b[r, s_t]) @ W0ᵀ) + bias   (paper eq. 5-6)
 
     = x[t] @ (W0 ∘ (B A)ᵀ)ᵀ + bias. Per row, b/a are gathered by slot; the R rank
@@ -39,7 +32,7 @@ def flora(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """
     xs, out = x[g.start : g.end], y[g.start : g.end]  # [n, d_in], [n, d_out]
     if pool.b.shape[0] == 1:  # rank 1, the common case: one GEMM straight into the output
-        torch.mm(xs * g.gather(pool.b[0]), weight.T, out=out)
+        weight.mm_into(out, xs * g.gather(pool.b[0]))
         out.mul_(g.gather(pool.a[0]))
     else:
         _flora_rank_terms(xs, out, weight, pool, g)
@@ -47,32 +40,34 @@ def flora(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         out.add_(bias)
 
 
-def _flora_rank_terms(xs: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, pool: FloraPool, g: PoolGroup) -> None:
+def _flora_rank_terms(xs: torch.Tensor, out: torch.Tensor, weight: BaseWeight, pool: FloraPool, g: PoolGroup) -> None:
     """out [n, d_out] = Σ_r a[r] ∘ ((xs ∘ b[r]) @ W0ᵀ), c rank terms per GEMM of c·n rows."""
     chunk = max(1, FLORA_STACKED_ROWS // len(xs))
     for r0 in range(0, pool.b.shape[0], chunk):
         b = g.gather(pool.b[r0 : r0 + chunk], dim=1)  # [c, n, d_in]
         a = g.gather(pool.a[r0 : r0 + chunk], dim=1)  # [c, n, d_out]
-        terms = torch.matmul(xs * b, weight.T).mul_(a)  # [c, n, d_out]
+        terms = weight.mm((xs * b).flatten(0, 1)).view(a.shape).mul_(a)  # [c, n, d_out]
         if r0 == 0:
             torch.sum(terms, 0, out=out)
         else:
             out.add_(terms.sum(0))
 
 
-def flora_segment(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: FloraPool, g: PoolGroup) -> None:
+def flora_segment(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: FloraPool, g: PoolGroup) -> None:
     """Semantics: same as `flora`, computed per adapter segment with the merged weight
 
     W_s = W0 ∘ (B_s A_s)ᵀ, y[seg] = x[seg] @ W_sᵀ + bias. Costs R·d_in·d_out to merge
     plus one GEMM of the segment's rows: far cheaper than `flora` when each adapter
-    has many rows (prefill), far dearer when every row is its own adapter.
+    has many rows (prefill), far dearer when every row is its own adapter. An int8 W0
+    is dequantized for the merge.
     """
+    w0 = weight.dense()  # [d_out, d_in]
     for seg in g.segments:
         delta_t = pool.a[:, seg.slot].T @ pool.b[:, seg.slot]  # [d_out, R] @ [R, d_in] = (B A)ᵀ
-        linear_into(y[seg.start : seg.end], x[seg.start : seg.end], weight * delta_t, bias)
+        DenseWeight(w0 * delta_t).mm_into(y[seg.start : seg.end], x[seg.start : seg.end], bias)
 
 
-def lora_bmm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
+def lora_bmm(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
     """Semantics: y[t] += (x[t] @ a[s_t]ᵀ) @ b[s_t]   (b holds scale · lora_Bᵀ)
 
     The paper's baseline (appendix A.2): every row's A and B are gathered into
@@ -84,7 +79,7 @@ def lora_bmm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch
     y[g.start : g.end].unsqueeze(1).baddbmm_(h, b)  # += h @ b, in place: [n, 1, d_out]
 
 
-def lora_gather(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
+def lora_gather(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
     """Semantics: y[t] += (x[t] @ a[s_t]ᵀ) @ b[s_t]
 
     BGMV-style (Punica / vLLM's torch reference of bgmv_shrink/bgmv_expand): each
@@ -98,7 +93,7 @@ def lora_gather(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: to
     y[g.start : g.end] += torch.einsum("nr,nro->no", h, b)  # [n, d_out] expand
 
 
-def lora_segment(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
+def lora_segment(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
     """Semantics: y[t] += (x[t] @ a[s_t]ᵀ) @ b[s_t]
 
     SGMV-style (Punica / S-LoRA): rows are grouped by adapter (they already are,
@@ -110,7 +105,7 @@ def lora_segment(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: t
         y[rows] += (x[rows] @ pool.a[seg.slot].T) @ pool.b[seg.slot]  # [m, R] @ [R, d_out]
 
 
-def lora_stacked(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
+def lora_stacked(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
     """Semantics: y[t] += (x[t] @ a[s_t]ᵀ) @ b[s_t]
 
     The group's U distinct adapters stacked into one [U·R, d] A and B: every row is
@@ -126,7 +121,7 @@ def lora_stacked(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: t
     y[g.start : g.end].addmm_(h.flatten(1), b)
 
 
-def ia3(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: Ia3Pool, g: PoolGroup) -> None:
+def ia3(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: Ia3Pool, g: PoolGroup) -> None:
     """Semantics: y[t] *= l_out[s_t]   (PEFT IA3 on an ordinary layer: (x W0ᵀ + bias) ∘ l)
 
     The feed-forward variant (x ∘ l_in) W0ᵀ + bias scales the GEMM's input instead:
@@ -140,7 +135,7 @@ def scale_ia3_inputs(x_base: torch.Tensor, pool: Ia3Pool, g: PoolGroup) -> None:
     x_base[g.start : g.end] *= g.gather(pool.scale_in)
 
 
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, PoolStorage, PoolGroup], None]
+Kernel = Callable[[torch.Tensor, torch.Tensor, BaseWeight, torch.Tensor | None, PoolStorage, PoolGroup], None]
 
 KERNELS: dict[KernelPath, Kernel] = {
     KernelPath.FLORA: flora,

@@ -10,25 +10,25 @@ group runs the kernel path its cost model picked (`kernels.KERNELS`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from services.engine.adapter_batch import AdapterBatch
 from services.engine.adapter_slots import LayerSlots, SlotLayout
+from services.engine.base_weights import BaseWeight, DenseWeight, Quantization, base_weight
 from services.engine.context import get_adapter_batch
-from services.engine.kernels import KERNELS, linear_into, scale_ia3_inputs
+from services.engine.kernels import KERNELS, scale_ia3_inputs
 
 
 def multi_adapter_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, slots: LayerSlots, batch: AdapterBatch
+    x: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, slots: LayerSlots, batch: AdapterBatch
 ) -> torch.Tensor:
-    """x [T, d_in], weight [d_out, d_in], bias [d_out] | None -> y [T, d_out]."""
+    """x [T, d_in], weight W0 [d_out, d_in] (dense or int8), bias [d_out] | None -> y [T, d_out]."""
     _check_input(x, weight, batch)
     if not batch.groups:  # no row of this step has an adapter in this layer's type
-        return F.linear(x, weight, bias)
+        return weight.mm(x, bias)
     xs = x if batch.order is None else x.index_select(0, batch.order)  # rows grouped by adapter
-    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    linear_into(y[: batch.num_base_rows], _base_input(xs, slots, batch), weight, bias)
+    y = torch.empty(x.shape[0], weight.d_out, dtype=x.dtype, device=x.device)
+    weight.mm_into(y[: batch.num_base_rows], _base_input(xs, slots, batch), bias)
     for group in batch.groups:
         KERNELS[group.path](xs, y, weight, bias, slots.pools[group.pool], group)
     return y if batch.restore is None else y.index_select(0, batch.restore)
@@ -44,11 +44,11 @@ def _base_input(xs: torch.Tensor, slots: LayerSlots, batch: AdapterBatch) -> tor
     return x_base
 
 
-def _check_input(x: torch.Tensor, weight: torch.Tensor, batch: AdapterBatch) -> None:
+def _check_input(x: torch.Tensor, weight: BaseWeight, batch: AdapterBatch) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be token rows [T, d_in], got shape {tuple(x.shape)}")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x has d_in={x.shape[1]} but the weight [d_out, d_in] is {tuple(weight.shape)}")
+    if x.shape[1] != weight.d_in:
+        raise ValueError(f"x has d_in={x.shape[1]} but the weight [d_out, d_in] is {(weight.d_out, weight.d_in)}")
     if x.shape[0] != batch.num_rows:
         raise ValueError(f"x has {x.shape[0]} rows but the adapter batch was built for {batch.num_rows}")
     if x.dtype != weight.dtype:
@@ -57,28 +57,41 @@ def _check_input(x: torch.Tensor, weight: torch.Tensor, batch: AdapterBatch) -> 
         raise ValueError(f"x is on {x.device} but the layer's weight is on {weight.device}")
 
 
-class MultiAdapterLinear(nn.Module):
-    """A linear layer whose rows each carry their own adapter; reads the step's batch from context."""
+class Linear(nn.Module):
+    """y = x @ W0ᵀ + bias, W0 dense or int8 (`base_weights`). nn.Linear without the init pass:
+    the loader (or `random_model`) fills the weight, then `quantize` picks its storage."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: SlotLayout, batch_index: int = 0):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.batch_index = batch_index  # which of the step's adapter batches this layer reads
-        self.weight = nn.Parameter(weight, requires_grad=False)  # [d_out, d_in]
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [d_out, d_in]; loaded by name, None once quantized
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # [d_out]
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-        d_out, d_in = weight.shape
-        self.slots = LayerSlots(layout, d_in, d_out, weight.dtype, weight.device)
+        self.base: BaseWeight = DenseWeight(self.weight)
+        self.d_out, self.d_in = weight.shape
 
-    @property
-    def d_in(self) -> int:
-        return self.weight.shape[1]
+    def quantize(self, quantization: Quantization) -> None:
+        """Re-store W0 once its weights are loaded; int8 frees the dense weight."""
+        if self.weight is None:
+            raise RuntimeError("this layer is already quantized")
+        self.base = base_weight(self.weight, quantization)
+        if quantization is not Quantization.NONE:
+            self.weight = None
 
-    @property
-    def d_out(self) -> int:
-        return self.weight.shape[0]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d_in] -> [T, d_out]"""
+        return self.base.mm(x, self.bias)
+
+
+class MultiAdapterLinear(Linear):
+    """A linear layer whose rows each carry their own adapter; reads the step's batch from context."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: SlotLayout, batch_index: int = 0):
+        super().__init__(weight, bias)
+        self.batch_index = batch_index  # which of the step's adapter batches this layer reads
+        self.slots = LayerSlots(layout, self.d_in, self.d_out, weight.dtype, weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> [..., d_out]; the leading dims flatten to the batch's T rows."""
-        y = multi_adapter_linear(x.reshape(-1, self.d_in), self.weight, self.bias, self.slots, get_adapter_batch(self.batch_index))
+        y = multi_adapter_linear(x.reshape(-1, self.d_in), self.base, self.bias, self.slots, get_adapter_batch(self.batch_index))
         return y.view(*x.shape[:-1], self.d_out)

@@ -27,6 +27,7 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=dtype)  # [L, slots, kvH, D]: the whole KV budget, allocated once
         self.v_cache = torch.zeros(shape, dtype=dtype)
         model.attach_kv_cache(self.k_cache, self.v_cache)
+        self._plans: dict[tuple, AdapterBatch] = {}  # the last step's adapter batches, by what they depend on
 
     @staticmethod
     def bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -45,10 +46,23 @@ class ModelRunner:
         return [chunks[i] for i in sampling], logits
 
     def _adapter_batches(self, chunks: list[ScheduledChunk]) -> tuple[AdapterBatch, ...]:
-        """One AdapterBatch per adapted module type: [T] slots, -1 where a row's adapter skips the type."""
-        lengths = torch.tensor([c.num_new for c in chunks])
+        """One AdapterBatch per adapted module type: [T] slots, -1 where a row's adapter skips the type.
+
+        A batch depends only on (per-sequence slots, new-token counts, layer dims), so it is planned
+        once and reused while that key repeats: on every decode step of an unchanged batch, and by
+        module types of equal shape (q_proj and o_proj, k_proj and v_proj)."""
+        lengths = tuple(c.num_new for c in chunks)
+        plans: dict[tuple, AdapterBatch] = {}
         batches = []
         for type_index, (d_in, d_out) in enumerate(self.type_dims):
-            slots = torch.tensor([self.adapters.slot_for_type(c.seq.adapter_id, type_index) for c in chunks])
-            batches.append(AdapterBatch.build(slots.repeat_interleave(lengths), self.layout, self.chooser, d_in, d_out))
+            slots = tuple(self.adapters.slot_for_type(c.seq.adapter_id, type_index) for c in chunks)
+            key = (slots, lengths, d_in, d_out)
+            if key not in plans:
+                plans[key] = self._plans.get(key) or self._plan(slots, lengths, d_in, d_out)
+            batches.append(plans[key])
+        self._plans = plans  # keep this step's plans only: the next step reuses or replaces them
         return tuple(batches)
+
+    def _plan(self, slots: tuple[int, ...], lengths: tuple[int, ...], d_in: int, d_out: int) -> AdapterBatch:
+        rows = torch.tensor(slots).repeat_interleave(torch.tensor(lengths))  # [T]
+        return AdapterBatch.build(rows, self.layout, self.chooser, d_in, d_out)

@@ -11,6 +11,7 @@ from services.engine.adapter_format import AdapterKind, AdapterSpec
 from services.engine.adapter_manager import Adapter
 from services.engine.adapter_slots import SlotPool
 from services.engine.adapter_weights import FloraWeights, Ia3Weights, LoraWeights
+from services.engine.base_weights import Quantization
 from services.engine.config import EngineConfig
 from services.engine.cost_model import FixedPaths
 from services.engine.engine import LLMEngine
@@ -44,12 +45,15 @@ def save_tiny_gpt_bigcode(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def make_engine(model_dir: Path, kv_cache_bytes: int = 1 << 22, max_num_seqs: int = 16, max_tokens: int = 8192, pools=POOLS) -> LLMEngine:
+def make_engine(
+    model_dir: Path, kv_cache_bytes: int = 1 << 22, max_num_seqs: int = 16, max_tokens: int = 8192, pools=POOLS,
+    quantization: Quantization = Quantization.NONE,
+) -> LLMEngine:
     config = EngineConfig(
-        adapter_modules=MODULES, pools=pools, kv_cache_bytes=kv_cache_bytes, block_size=4,
+        adapter_modules=MODULES, pools=pools, kv_cache_bytes=kv_cache_bytes, block_size=4, quantization=quantization,
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens),
     )
-    model = load_model(model_dir, config.adapter_modules, config.layout, config.torch_dtype)
+    model = load_model(model_dir, config.adapter_modules, config.layout, config.torch_dtype, quantization=quantization)
     return LLMEngine(model, CharTokenizer(), config, FixedPaths(), frozenset({EOS}))
 
 

@@ -9,6 +9,7 @@ from services.engine.adapter_batch import AdapterBatch, KernelPath
 from services.engine.adapter_format import AdapterKind, AdapterSpec
 from services.engine.adapter_slots import LayerSlots, SlotLayout, SlotPool
 from services.engine.adapter_weights import FloraWeights, Ia3Weights, LoraWeights
+from services.engine.base_weights import DenseWeight
 from services.engine.cost_model import FixedPaths
 from services.engine.layers import MultiAdapterLinear, multi_adapter_linear
 from services.engine.context import get_adapter_batch
@@ -27,7 +28,7 @@ def batch(ids: list[int]) -> AdapterBatch:
 
 
 def run(layer: MultiAdapterLinear, x: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    return multi_adapter_linear(x, layer.weight, layer.bias, layer.slots, batch(ids))
+    return multi_adapter_linear(x, layer.base, layer.bias, layer.slots, batch(ids))
 
 
 def test_wrong_feature_width(layer):
@@ -132,5 +133,5 @@ def test_reload_clears_the_old_adapter():
     slots.load(0, FloraWeights.identity(D_IN, D_OUT, 2, torch.float64))
     w = torch.randn(D_OUT, D_IN, dtype=torch.float64)
     x = torch.randn(3, D_IN, dtype=torch.float64)
-    y = multi_adapter_linear(x, w, None, slots, AdapterBatch.build([0, 0, 0], LAYOUT, FixedPaths(), D_IN, D_OUT))
+    y = multi_adapter_linear(x, DenseWeight(w), None, slots, AdapterBatch.build([0, 0, 0], LAYOUT, FixedPaths(), D_IN, D_OUT))
     assert torch.allclose(y, x @ w.T, rtol=1e-12, atol=1e-12)

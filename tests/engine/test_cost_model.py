@@ -49,7 +49,7 @@ def test_decode_with_distinct_adapters_avoids_merging(measured):
 
 def test_eq7_matches_its_closed_form():
     # c1 = 100·c2: 2·c1/(d·c2) = 200/d. d = 400 -> 1/2 -> FLoRA wins up to rank 2 exactly.
-    model = CostModel(PathCost(0, 1e-11), {p: PathCost(0, 1e-9 if p is KernelPath.LORA_BMM else 1e-11) for p in KernelPath}, "float32", 1)
+    model = CostModel(PathCost(0, 1e-11), {p: PathCost(0, 1e-9 if p is KernelPath.LORA_BMM else 1e-11) for p in KernelPath}, "float32", "none", 1)
     assert model.c1 / model.c2 == pytest.approx(100)
     assert model.eq7_crossover_rank(400) == pytest.approx(2.0)
     assert model.flora_beats_bmm(2, 400) and not model.flora_beats_bmm(3, 400)
@@ -64,7 +64,7 @@ def test_profile_round_trip(measured, tmp_path):
 
 def test_bad_profile_is_rejected(tmp_path):
     path = tmp_path / "profile.json"
-    path.write_text('{"dtype": "float32", "threads": 1, "base": {"overhead_s": 0, "per_mac_s": 1}, "paths": {"flora": {"overhead_s": 0, "per_mac_s": 1}}}')
+    path.write_text('{"dtype": "float32", "quantization": "none", "threads": 1, "base": {"overhead_s": 0, "per_mac_s": 1}, "paths": {"flora": {"overhead_s": 0, "per_mac_s": 1}}}')
     with pytest.raises(ValueError, match="lacks costs for paths"):
         CostModel.load(path)
     path.write_text('{"dtype": "float32"}')

@@ -13,6 +13,7 @@ from services.engine.adapter_format import AdapterKind, AdapterSpec
 from services.engine.adapter_manager import Adapter
 from services.engine.adapter_weights import LoraWeights
 from services.engine.async_engine import AsyncEngine
+from services.engine.base_weights import Quantization
 from services.engine.sampling import SamplingParams
 from services.engine.sequence import FinishReason
 from tests.engine.engine_fixtures import adapter, make_engine, save_tiny_gpt_bigcode
@@ -36,8 +37,8 @@ def with_adapters(engine, kinds):
 MIX = [("fl1", AdapterKind.FLORA, 1), ("fl4", AdapterKind.FLORA, 3), ("lo8", AdapterKind.LORA, 8), ("ia3", AdapterKind.IA3, 1)]
 
 
-def run_alone(model_dir, prompt, adapter_id, params=GREEDY) -> list[int]:
-    engine = with_adapters(make_engine(model_dir), MIX)
+def run_alone(model_dir, prompt, adapter_id, params=GREEDY, quantization=Quantization.NONE) -> list[int]:
+    engine = with_adapters(make_engine(model_dir, quantization=quantization), MIX)
     return engine.generate([prompt], [adapter_id], params)[0].output_ids
 
 
@@ -58,15 +59,16 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     return tokens[len(prompt) :]
 
 
-def test_mixed_kinds_in_one_batch_match_running_alone(model_dir):
-    engine = with_adapters(make_engine(model_dir), MIX)
+@pytest.mark.parametrize("quantization", list(Quantization))
+def test_mixed_kinds_in_one_batch_match_running_alone(model_dir, quantization):
+    engine = with_adapters(make_engine(model_dir, quantization=quantization), MIX)
     adapter_ids = ["fl1", "lo8", None, "ia3", "fl4"]
     seqs = engine.generate(PROMPTS, adapter_ids, GREEDY)
     outputs = [s.output_ids for s in seqs]
     for prompt, adapter_id, out in zip(PROMPTS, adapter_ids, outputs):
-        assert out == run_alone(model_dir, prompt, adapter_id)
+        assert out == run_alone(model_dir, prompt, adapter_id, quantization=quantization)
     # the adapters must change the output, or this test shows nothing
-    assert len({tuple(run_alone(model_dir, PROMPTS[0], a)) for a in ["fl1", "lo8", None, "ia3", "fl4"]}) == 5
+    assert len({tuple(run_alone(model_dir, PROMPTS[0], a, quantization=quantization)) for a in ["fl1", "lo8", None, "ia3", "fl4"]}) == 5
 
 
 def test_request_arriving_mid_run_joins_without_waiting(model_dir):

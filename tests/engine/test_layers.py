@@ -13,6 +13,7 @@ from services.engine.adapter_batch import PATHS_BY_KIND, AdapterBatch, KernelPat
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import LayerSlots, SlotLayout, SlotPool
 from services.engine.adapter_weights import FloraWeights
+from services.engine.base_weights import DenseWeight
 from services.engine.context import using_adapter_batch
 from services.engine.cost_model import FixedPaths
 from services.engine.layers import MultiAdapterLinear, multi_adapter_linear
@@ -50,7 +51,7 @@ def check_all_paths(layout: SlotLayout, slot_ids: list[int], d_in: int, d_out: i
     ref = reference_linear(x.double(), weight.double(), None if b is None else b.double(), [adapters.get(s) for s in slot_ids])
     for chooser in ALL_CHOOSERS:
         batch = AdapterBatch.build(slot_ids, layout, chooser, d_in, d_out)
-        y = multi_adapter_linear(x, weight, b, slots, batch)
+        y = multi_adapter_linear(x, DenseWeight(weight), b, slots, batch)
         assert y.dtype == dtype and y.shape == (len(slot_ids), d_out)
         assert rel_err(y.double(), ref) <= TOLERANCE[dtype], f"{chooser} on slots {slot_ids}"
 

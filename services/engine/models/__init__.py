@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.engine.adapter_slots import SlotLayout
-from services.engine.layers import MultiAdapterLinear
+from services.engine.base_weights import BaseWeight, Quantization, base_weight
+from services.engine.layers import Linear, MultiAdapterLinear
 from services.engine.model_shapes import ModelConfigError
 
 
@@ -55,21 +56,13 @@ class CausalLM(Protocol):
         """HF module name -> adapter-capable layer, for loading adapter weights into slots."""
         ...
 
+    def quantize(self, quantization: Quantization) -> None:
+        """Store the linears' weights dense or int8 (the loader calls it once, after loading)."""
+        ...
+
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
-
-
-class Linear(nn.Module):
-    """nn.Linear without the init pass: the loader (or `random_model`) fills the weights."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # [d_out, d_in]
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # [d_out]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -170,6 +163,7 @@ class CausalLMBase(nn.Module):
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         if not tie_word_embeddings:
             self.lm_head = spec.linear("lm_head", hidden_size, vocab_size, bias=False)
+        self.head: BaseWeight | None = None  # the LM head [vocab, d], bound by `quantize` once the weights are loaded
 
     def token_embedding(self) -> nn.Embedding:
         raise NotImplementedError
@@ -179,8 +173,18 @@ class CausalLMBase(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, d] -> [B, vocab]"""
-        weight = self.token_embedding().weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.head is None:
+            raise RuntimeError("the LM head is not bound: call model.quantize(...) after loading the weights")
+        return self.head.mm(hidden)
+
+    def quantize(self, quantization: Quantization) -> None:
+        """Store every linear's weight (and the LM head) as `quantization` says; call once, after loading.
+        A tied head keeps the embedding dense for lookups and gets its own int8 copy."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.quantize(quantization)
+        tied = self.tie_word_embeddings
+        self.head = base_weight(self.token_embedding().weight, quantization) if tied else self.lm_head.base
 
     def attach_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """k_cache, v_cache [num_layers, slots, kv_heads, head_dim]"""

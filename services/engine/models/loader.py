@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from services.engine.adapter_slots import SlotLayout
+from services.engine.base_weights import Quantization
 from services.engine.model_shapes import ModelConfigError, load_config
 from services.engine.models import CausalLM, RMSNorm
 from services.engine.models.gpt_bigcode import GPTBigCodeConfig, GPTBigCodeForCausalLM
@@ -71,11 +72,14 @@ def load_model(
     layout: SlotLayout,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    quantization: Quantization = Quantization.NONE,
 ) -> CausalLM:
-    """config.json + *.safetensors in model_dir -> the model, weights loaded, in `dtype` on `device`."""
+    """config.json + *.safetensors in model_dir -> the model, weights loaded, in `dtype` on `device`,
+    then stored as `quantization` says (int8: quantized from the loaded weights)."""
     model_dir = Path(model_dir)
     model = build_model(load_config(model_dir), adapter_modules, layout, dtype, device)
     load_weights(model, _shards(model_dir))
+    model.quantize(quantization)
     return model
 
 
@@ -170,9 +174,10 @@ def random_model(
     seed: int = 0,
     device: torch.device | str = "cpu",
     std: float = 0.02,
+    quantization: Quantization = Quantization.NONE,
 ) -> CausalLM:
     """The model `config` describes with GPT-2-style random weights, initialized in place (no second copy):
-    matrices and embeddings N(0, std), biases 0, norm weights 1."""
+    matrices and embeddings N(0, std), biases 0, norm weights 1; then stored as `quantization` says."""
     model = build_model(config, adapter_modules, layout, dtype, device)
     gen = None if torch.device(device).type == "meta" else torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -185,4 +190,5 @@ def random_model(
                     p.normal_(0.0, std, generator=gen)
                 else:
                     p.zero_()
+    model.quantize(quantization)
     return model

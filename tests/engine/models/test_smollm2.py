@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.engine.adapter_slots import SlotLayout
+from services.engine.base_weights import Quantization
 from services.engine.models import CausalLM
 from services.engine.models.loader import load_model
 from services.engine.models import smollm2
@@ -92,3 +93,26 @@ def test_materialize_is_idempotent_and_redoes_a_killed_conversion(tmp_path, monk
     assert materialize_smollm2() == target and len(calls) == 2 and (target / ".complete").is_file()
     assert materialize_smollm2(tmp_path / "elsewhere") == tmp_path / "elsewhere" / MODEL_NAME
     assert sorted(p.name for p in (tmp_path / "root" / "models").iterdir()) == [MODEL_NAME]  # no temporary leftovers
+
+
+def teacher_forced_argmax(model: CausalLM, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """Each sequence in one prefill step; -> per sequence the argmax token at every position."""
+    runner = PagedRunner(model, len(sequences), max(map(len, sequences)))
+    return [lg.argmax(-1) for lg in runner.step(list(range(len(sequences))), sequences)]
+
+
+def test_int8_weights_predict_what_fp32_predicts(smollm2_dir, tokenizer):
+    """int8 weights (w8a8) change the numbers a little: on the fp32 model's own greedy text the
+    int8 model's next-token choice agrees at most positions (measured 89%, 96%, 89% on these
+    prompts; per-channel int8 weights alone give 98%, 97%, 94%), and its own answer is still right."""
+    prompts = [chat_prompt(tokenizer, p) for p in PROMPTS]
+    dense = load_model(smollm2_dir, (), SlotLayout(()))
+    int8 = load_model(smollm2_dir, (), SlotLayout(()), quantization=Quantization.INT8)
+    eos = tokenizer.eos_token_id
+    with torch.inference_mode():
+        texts = [p + out for p, out in zip(prompts, greedy(dense, prompts, NEW_TOKENS, eos))]
+        agree = [(a == b).float().mean().item() for a, b in zip(teacher_forced_argmax(dense, texts), teacher_forced_argmax(int8, texts))]
+        answer = tokenizer.decode(greedy(int8, prompts[:1], NEW_TOKENS, eos)[0])
+    print(f"int8 vs fp32 top-1 agreement per prompt: {agree}")
+    assert min(agree) >= 0.85 and sum(agree) / len(agree) >= 0.9, agree
+    assert "Paris" in answer, answer

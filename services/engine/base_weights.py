@@ -1,0 +1,127 @@
+"""How a layer's shared weight W0 is stored and multiplied: dense, or int8 (w8a8).
+
+Every linear of the model computes `y = x @ W0ᵀ (+ bias)` through one of these, and
+the multi-adapter kernels use the same call for FLoRA's scaled-input GEMMs, so the
+adapter paths work unchanged over either storage.
+
+Int8 is the CPU serving format: a decode step is a GEMM of ~32 rows against every
+weight of the model, so it streams all the weights from memory and, on a CPU with
+AVX512-VNNI, int8 dot products run ~2.5x as many MACs per cycle as fp32
+(docs/engine.md has the measurements). The scheme is the one llama.cpp's Q8 and
+LLM.int8 use without the outlier split:
+
+    W0[o, :] ≈ Wq[o, :] · w_scale[o]     Wq int8, symmetric per output channel (absmax / 127)
+    x[t, :]  ≈ xq[t, :] · x_scale[t]     quantized per row at every call (dynamic)
+    y[t, o]  = (Σ_i xq[t, i] Wq[o, i]) · x_scale[t] · w_scale[o]     int32 sums, exact
+
+Per-row activation scales keep every request's output independent of the others in
+the batch: the integer sums are exact, so a row's result is bitwise the same in any
+batch (a per-tensor scale would let one tenant's outlier coarsen another's output).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Protocol
+
+import torch
+
+INT8_MAX = 127
+_TINY = 1e-12  # an all-zero row gets this scale: it quantizes to zeros instead of dividing by 0
+
+
+class Quantization(str, Enum):
+    NONE = "none"  # weights in the model dtype
+    INT8 = "int8"  # w8a8 as above
+
+
+class BaseWeight(Protocol):
+    """W0 [d_out, d_in] as the kernels see it."""
+
+    d_in: int
+    d_out: int
+    dtype: torch.dtype  # of the activations it multiplies and the outputs it writes
+    device: torch.device
+
+    def mm_into(self, out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """out [T, d_out] = x [T, d_in] @ W0ᵀ + bias, in place (out may be a row slice of a larger output)."""
+        ...
+
+    def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, d_in] -> x @ W0ᵀ + bias [T, d_out]"""
+        ...
+
+    def dense(self) -> torch.Tensor:
+        """W0 [d_out, d_in] as a float tensor (dequantized for int8)."""
+        ...
+
+
+class DenseWeight:
+    """W0 in the model dtype; `weight` is the layer's parameter itself, not a copy."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # [d_out, d_in]
+        self.d_out, self.d_in = weight.shape
+        self.dtype, self.device = weight.dtype, weight.device
+
+    def mm_into(self, out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        if bias is None:
+            torch.mm(x, self.weight.T, out=out)
+        else:
+            torch.addmm(bias, x, self.weight.T, out=out)
+
+    def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, bias)
+
+    def dense(self) -> torch.Tensor:
+        return self.weight
+
+
+class Int8Weight:
+    """W0 ≈ Wq · w_scale, Wq stored transposed [d_in, d_out]: torch._int_mm's B operand, read without a transposed GEMM."""
+
+    def __init__(self, weight: torch.Tensor):
+        if weight.dim() != 2 or not weight.dtype.is_floating_point:
+            raise TypeError(f"int8 quantization takes a float [d_out, d_in] weight, got {weight.dtype} {tuple(weight.shape)}")
+        self.d_out, self.d_in = weight.shape
+        self.dtype, self.device = weight.dtype, weight.device  # activations and outputs stay in this dtype
+        w = weight.float()
+        self.scale = (w.abs().amax(1).clamp_min(_TINY) / INT8_MAX).contiguous()  # [d_out] fp32
+        self.qweight_t = torch.round(w / self.scale[:, None]).to(torch.int8).T.contiguous()  # [d_in, d_out]
+
+    def mm_into(self, out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        xq, x_scale = quantize_rows(x)
+        torch.mul(torch._int_mm(xq, self.qweight_t), x_scale, out=out)  # int32 · fp32 -> out's float dtype
+        out.mul_(self.scale)
+        if bias is not None:
+            out.add_(bias)
+
+    def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.empty(x.shape[0], self.d_out, dtype=x.dtype, device=x.device)
+        self.mm_into(out, x, bias)
+        return out
+
+    def dense(self) -> torch.Tensor:
+        return (self.qweight_t.T.float() * self.scale[:, None]).to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight_t.nbytes + self.scale.nbytes
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, d] float -> (xq [T, d] int8, x_scale [T, 1] fp32), x ≈ xq · x_scale, symmetric per row."""
+    x_scale = x.abs().amax(1, keepdim=True).float().clamp_min_(_TINY).div_(INT8_MAX)
+    return torch.round(x / x_scale).to(torch.int8), x_scale
+
+
+def int8_reference_mm(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """The oracle for Int8Weight.mm, plain float64 math on the dequantized operands:
+    (xq · x_scale) @ (Wq · w_scale)ᵀ. Equal to the kernel up to the fp32 epilogue's rounding."""
+    xq, x_scale = quantize_rows(x)
+    w = weight.qweight_t.T.double() * weight.scale.double()[:, None]  # [d_out, d_in]
+    return (xq.double() * x_scale.double()) @ w.T
+
+
+def base_weight(weight: torch.Tensor, quantization: Quantization) -> DenseWeight | Int8Weight:
+    return Int8Weight(weight) if quantization is Quantization.INT8 else DenseWeight(weight)
