@@ -55,6 +55,10 @@ class BaseWeight(Protocol):
         """W0 [d_out, d_in] as a float tensor (dequantized for int8)."""
         ...
 
+    def rows(self, start: int, end: int) -> "BaseWeight":
+        """Output channels [start, end) of W0 as a view (a part of a fused projection)."""
+        ...
+
 
 class DenseWeight:
     """W0 in the model dtype; `weight` is the layer's parameter itself, not a copy."""
@@ -76,18 +80,30 @@ class DenseWeight:
     def dense(self) -> torch.Tensor:
         return self.weight
 
+    def rows(self, start: int, end: int) -> "DenseWeight":
+        return DenseWeight(self.weight[start:end])
+
 
 class Int8Weight:
     """W0 ≈ Wq · w_scale, Wq stored transposed [d_in, d_out]: torch._int_mm's B operand, read without a transposed GEMM."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, qweight_t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        self.qweight_t = qweight_t  # [d_in, d_out] int8
+        self.scale = scale  # [d_out] fp32
+        self.d_in, self.d_out = qweight_t.shape
+        self.dtype, self.device = dtype, qweight_t.device  # activations and outputs stay in this dtype
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> "Int8Weight":
+        """float [d_out, d_in] -> symmetric per-output-channel int8 (absmax / 127)."""
         if weight.dim() != 2 or not weight.dtype.is_floating_point:
             raise TypeError(f"int8 quantization takes a float [d_out, d_in] weight, got {weight.dtype} {tuple(weight.shape)}")
-        self.d_out, self.d_in = weight.shape
-        self.dtype, self.device = weight.dtype, weight.device  # activations and outputs stay in this dtype
         w = weight.float()
-        self.scale = (w.abs().amax(1).clamp_min(_TINY) / INT8_MAX).contiguous()  # [d_out] fp32
-        self.qweight_t = torch.round(w / self.scale[:, None]).to(torch.int8).T.contiguous()  # [d_in, d_out]
+        scale = (w.abs().amax(1).clamp_min(_TINY) / INT8_MAX).contiguous()
+        return Int8Weight(torch.round(w / scale[:, None]).to(torch.int8).T.contiguous(), scale, weight.dtype)
+
+    def rows(self, start: int, end: int) -> "Int8Weight":
+        return Int8Weight(self.qweight_t[:, start:end], self.scale[start:end], self.dtype)
 
     def mm_into(self, out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         xq, x_scale = quantize_rows(x)
@@ -124,4 +140,4 @@ def int8_reference_mm(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
 
 
 def base_weight(weight: torch.Tensor, quantization: Quantization) -> DenseWeight | Int8Weight:
-    return Int8Weight(weight) if quantization is Quantization.INT8 else DenseWeight(weight)
+    return Int8Weight.quantize(weight) if quantization is Quantization.INT8 else DenseWeight(weight)

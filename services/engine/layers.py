@@ -29,9 +29,21 @@ def multi_adapter_linear(
     xs = x if batch.order is None else x.index_select(0, batch.order)  # rows grouped by adapter
     y = torch.empty(x.shape[0], weight.d_out, dtype=x.dtype, device=x.device)
     weight.mm_into(y[: batch.num_base_rows], _base_input(xs, slots, batch), bias)
+    apply_adapters(xs, y, weight, bias, slots, batch)
+    return y if batch.restore is None else y.index_select(0, batch.restore)
+
+
+def apply_adapters(xs: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, slots: LayerSlots, batch: AdapterBatch) -> None:
+    """Run every pool group's kernel on the sorted rows; y's base rows already hold xs @ W0ᵀ + bias."""
     for group in batch.groups:
         KERNELS[group.path](xs, y, weight, bias, slots.pools[group.pool], group)
-    return y if batch.restore is None else y.index_select(0, batch.restore)
+
+
+def shares_base_gemm(batch: AdapterBatch) -> bool:
+    """Whether every row's output is the plain x @ W0ᵀ + bias of the rows as given plus a LoRA term:
+    no FLoRA rows (they replace the base GEMM), no IA3 rows (a slot may scale the GEMM's input), no
+    reordering. A fused projection can then compute the base product of all its parts at once."""
+    return batch.order is None and batch.num_base_rows == batch.num_rows and not batch.input_scaled
 
 
 def _base_input(xs: torch.Tensor, slots: LayerSlots, batch: AdapterBatch) -> torch.Tensor:
@@ -73,14 +85,59 @@ class Linear(nn.Module):
     def quantize(self, quantization: Quantization) -> None:
         """Re-store W0 once its weights are loaded; int8 frees the dense weight."""
         if self.weight is None:
-            raise RuntimeError("this layer is already quantized")
+            raise RuntimeError("this layer is already quantized (or fused into a Projections)")
         self.base = base_weight(self.weight, quantization)
         if quantization is not Quantization.NONE:
             self.weight = None
 
+    def share(self, base: BaseWeight) -> None:
+        """Use `base`, a view of a fused `Projections` matrix, and drop this layer's own copy."""
+        self.base, self.weight = base, None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d_in] -> [T, d_out]"""
         return self.base.mm(x, self.bias)
+
+
+class Projections(nn.Module):
+    """Linears that read the same input (q, k, v; gate, up): forward(x) -> one output per part.
+
+    `quantize` (after loading) moves the parts' weights into one [Σ d_out, d_in] matrix (dense or
+    int8) and gives each part a view of its rows, so a step runs one GEMM instead of several (and
+    int8 quantizes x once). Parts with adapters join in when this step's adapters only add to the
+    base product (LoRA: `shares_base_gemm`); when some row's FLoRA or IA3 adapter changes a part's
+    W0 or input, every part computes on its own. The parts stay
+    where the checkpoint names them (q_proj.weight, ...), so loading is unchanged.
+    """
+
+    def __init__(self, *parts: Linear):
+        super().__init__()
+        self.parts = parts  # a tuple: not registered twice, the parent module owns them
+        self.splits = [p.d_out for p in parts]
+        self.base: BaseWeight | None = None  # the fused weight, built by `quantize`
+        self.bias: torch.Tensor | None = None
+
+    def quantize(self, quantization: Quantization) -> None:
+        # [Σ d_out, d_in] stored as its transpose, like every weight here (BuildSpec.linear)
+        weight = torch.cat([p.weight.T for p in self.parts], dim=1).T
+        if any(p.bias is not None for p in self.parts):
+            self.bias = torch.cat([p.bias if p.bias is not None else weight.new_zeros(p.d_out) for p in self.parts])
+        self.base = base_weight(weight, quantization)
+        start = 0
+        for part in self.parts:
+            part.share(self.base.rows(start, start + part.d_out))
+            start += part.d_out
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [T, d_in] -> per part [T, d_out_i]"""
+        adapted = [(i, part.step_batch()) for i, part in enumerate(self.parts) if isinstance(part, MultiAdapterLinear)]
+        if not all(shares_base_gemm(batch) for _, batch in adapted):
+            return tuple(part(x) for part in self.parts)
+        ys = self.base.mm(x, self.bias).split(self.splits, dim=1)  # column views of one [T, Σ d_out]
+        for i, batch in adapted:
+            part = self.parts[i]
+            apply_adapters(x, ys[i], part.base, part.bias, part.slots, batch)
+        return ys
 
 
 class MultiAdapterLinear(Linear):
@@ -91,7 +148,11 @@ class MultiAdapterLinear(Linear):
         self.batch_index = batch_index  # which of the step's adapter batches this layer reads
         self.slots = LayerSlots(layout, self.d_in, self.d_out, weight.dtype, weight.device)
 
+    def step_batch(self) -> AdapterBatch:
+        """This step's rows → adapters, for this layer's module type."""
+        return get_adapter_batch(self.batch_index)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> [..., d_out]; the leading dims flatten to the batch's T rows."""
-        y = multi_adapter_linear(x.reshape(-1, self.d_in), self.base, self.bias, self.slots, get_adapter_batch(self.batch_index))
+        y = multi_adapter_linear(x.reshape(-1, self.d_in), self.base, self.bias, self.slots, self.step_batch())
         return y.view(*x.shape[:-1], self.d_out)

@@ -29,7 +29,7 @@ def operands(rows: int, d_in: int, d_out: int, seed: int = 0) -> tuple[torch.Ten
 @pytest.mark.parametrize("rows,d_in,d_out", SHAPES)
 def test_int8_matmul_equals_its_float64_reference(rows, d_in, d_out):
     x, w = operands(rows, d_in, d_out)
-    weight = Int8Weight(w)
+    weight = Int8Weight.quantize(w)
     assert weight.qweight_t.dtype == torch.int8 and weight.qweight_t.shape == (d_in, d_out)
     assert rel_err(weight.mm(x).double(), int8_reference_mm(x, weight)) <= 1e-6
 
@@ -38,8 +38,8 @@ def test_int8_matmul_equals_its_float64_reference(rows, d_in, d_out):
 def test_int8_is_within_quantization_error_of_the_dense_product(rows, d_in, d_out):
     x, w = operands(rows, d_in, d_out, seed=1)
     bias = torch.randn(d_out)
-    assert rel_err(Int8Weight(w).mm(x, bias), x @ w.T + bias) <= QUANTIZATION_ERROR
-    assert rel_err(Int8Weight(w).dense(), w) <= 1 / 127  # per-channel absmax scaling: half a step per entry
+    assert rel_err(Int8Weight.quantize(w).mm(x, bias), x @ w.T + bias) <= QUANTIZATION_ERROR
+    assert rel_err(Int8Weight.quantize(w).dense(), w) <= 1 / 127  # per-channel absmax scaling: half a step per entry
 
 
 def test_int8_rows_do_not_depend_on_the_rest_of_the_batch():
@@ -47,7 +47,7 @@ def test_int8_rows_do_not_depend_on_the_rest_of_the_batch():
     in any batch, in any order (what lets a tenant's output not depend on its neighbours)."""
     x, w = operands(32, 576, 192)
     x[5] *= 1000  # an outlier row must not coarsen the others
-    weight = Int8Weight(w)
+    weight = Int8Weight.quantize(w)
     together = weight.mm(x)
     for i in range(len(x)):
         assert torch.equal(weight.mm(x[i : i + 1]), together[i : i + 1])
@@ -60,7 +60,7 @@ def test_zero_rows_and_zero_channels_quantize_to_zero():
     w[2] = 0
     x = torch.randn(3, 16)
     x[1] = 0
-    y = Int8Weight(w).mm(x)
+    y = Int8Weight.quantize(w).mm(x)
     assert torch.equal(y[1], torch.zeros(6)) and torch.equal(y[:, 2], torch.zeros(3)) and torch.isfinite(y).all()
     xq, scale = quantize_rows(x)
     assert xq.dtype == torch.int8 and xq.abs().max() == 127 and scale.shape == (3, 1)
@@ -86,9 +86,9 @@ def test_quantizing_a_layer_frees_its_dense_weight_and_only_once():
 
 def test_int8_rejects_what_it_cannot_quantize():
     with pytest.raises(TypeError, match="float"):
-        Int8Weight(torch.ones(4, 4, dtype=torch.int32))
+        Int8Weight.quantize(torch.ones(4, 4, dtype=torch.int32))
     with pytest.raises(TypeError, match=r"\[d_out, d_in\]"):
-        Int8Weight(torch.ones(4))
+        Int8Weight.quantize(torch.ones(4))
 
 
 def test_every_adapter_path_over_an_int8_base():
@@ -113,7 +113,7 @@ def test_every_adapter_path_over_an_int8_base():
 
 def test_dense_and_int8_share_one_interface():
     x, w = operands(4, 8, 6)
-    for weight in (DenseWeight(w), Int8Weight(w)):
+    for weight in (DenseWeight(w), Int8Weight.quantize(w)):
         out = torch.empty(4, 6)
         weight.mm_into(out, x)
         assert torch.equal(out, weight.mm(x)) and (weight.d_in, weight.d_out) == (8, 6) and weight.dtype == torch.float32

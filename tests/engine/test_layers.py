@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 from services.engine.adapter_batch import PATHS_BY_KIND, AdapterBatch, KernelPath
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import LayerSlots, SlotLayout, SlotPool
-from services.engine.adapter_weights import FloraWeights
-from services.engine.base_weights import DenseWeight
+from services.engine.adapter_weights import FloraWeights, Ia3Weights
+from services.engine.base_weights import DenseWeight, Quantization, base_weight
 from services.engine.context import using_adapter_batch
 from services.engine.cost_model import FixedPaths
-from services.engine.layers import MultiAdapterLinear, multi_adapter_linear
+from services.engine.layers import Linear, MultiAdapterLinear, Projections, multi_adapter_linear, shares_base_gemm
 from services.engine.reference import reference_linear
-from tests.engine.helpers import fill_slots, rel_err
+from tests.engine.helpers import fill_slots, random_adapter, rel_err
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 FLORA_PATHS = PATHS_BY_KIND[AdapterKind.FLORA]
@@ -110,3 +110,45 @@ def test_module_flattens_leading_dims():
         y = layer(x)
     assert y.shape == (2, 3, 12)
     assert torch.allclose(y[1, :2], x[1, :2] @ layer.weight.T)
+
+
+@pytest.mark.parametrize("quantization", list(Quantization))
+def test_projections_fuse_plain_parts_into_one_gemm(quantization):
+    gen = torch.Generator().manual_seed(0)
+    parts = (Linear(torch.randn(6, 8, generator=gen), torch.randn(6, generator=gen)), Linear(torch.randn(3, 8, generator=gen), None))
+    x = torch.randn(5, 8, generator=gen)
+    weights, bias = [p.weight.clone() for p in parts], parts[0].bias.clone()
+    proj = Projections(*parts)
+    proj.quantize(quantization)
+    assert all(p.weight is None for p in parts)  # the fused matrix holds the only copy; parts view its rows
+    storage = lambda w: (w.weight if isinstance(w, DenseWeight) else w.qweight_t).untyped_storage().data_ptr()  # noqa: E731
+    assert all(storage(p.base) == storage(proj.base) for p in parts)
+    a, b = proj(x)
+    fused = base_weight(torch.cat(weights), quantization).mm(x)
+    assert torch.allclose(a, fused[:, :6] + bias, rtol=1e-6, atol=1e-6) and torch.allclose(b, fused[:, 6:], rtol=1e-6, atol=1e-6)
+    assert torch.allclose(a, x @ weights[0].T + bias, atol=0.1) and torch.allclose(b, x @ weights[1].T, atol=0.1)
+    assert torch.equal(parts[1](x), b)  # a part alone computes from its view
+
+
+@pytest.mark.parametrize("quantization", list(Quantization))
+def test_projections_with_adapted_parts_equal_each_part_alone(quantization):
+    """LoRA rows ride on the fused GEMM; an IA3 or FLoRA row makes every part run alone.
+    Either way each part's output is what the part computes by itself."""
+    gen = torch.Generator().manual_seed(1)
+    layout = SlotLayout((SlotPool(AdapterKind.LORA, 4, 2), SlotPool(AdapterKind.IA3, 1, 1), SlotPool(AdapterKind.FLORA, 2, 1)))
+    q, k, v = MultiAdapterLinear(torch.randn(8, 8), None, layout), MultiAdapterLinear(torch.randn(4, 8), torch.randn(4), layout), Linear(torch.randn(4, 8), None)
+    proj = Projections(q, k, v)
+    proj.quantize(quantization)
+    for layer in (q, k):
+        for slot in (0, 1):
+            layer.slots.load(slot, random_adapter(AdapterKind.LORA, 4, 8, layer.d_out, torch.float32, gen))
+        layer.slots.load(2, Ia3Weights(1 + 0.5 * torch.randn(layer.d_out, generator=gen), on_input=False))
+        layer.slots.load(3, random_adapter(AdapterKind.FLORA, 2, 8, layer.d_out, torch.float32, gen))
+    x = torch.randn(5, 8, generator=gen)
+    for slots, shared in (([-1, 0, 0, 1, 1], True), ([-1, 0, 1, 2, 2], False), ([-1, 0, 1, 3, 3], False)):  # 2: IA3, 3: FLoRA
+        with using_adapter_batch(AdapterBatch.build(slots, layout, FixedPaths(), 8, 8)):
+            got = proj(x)
+            alone = (q(x), k(x), v(x))
+        assert shares_base_gemm(AdapterBatch.build(slots, layout, FixedPaths(), 8, 8)) == shared
+        for g, a in zip(got, alone):
+            assert torch.allclose(g, a, rtol=1e-5, atol=1e-5)

@@ -25,7 +25,7 @@ from torch import nn
 
 from services.engine.adapter_slots import SlotLayout
 from services.engine.base_weights import BaseWeight, Quantization, base_weight
-from services.engine.layers import Linear, MultiAdapterLinear
+from services.engine.layers import Linear, MultiAdapterLinear, Projections
 from services.engine.model_shapes import ModelConfigError
 
 
@@ -180,8 +180,11 @@ class CausalLMBase(nn.Module):
     def quantize(self, quantization: Quantization) -> None:
         """Store every linear's weight (and the LM head) as `quantization` says; call once, after loading.
         A tied head keeps the embedding dense for lookups and gets its own int8 copy."""
+        for module in self.modules():  # fusing first: it releases the parts' weights
+            if isinstance(module, Projections):
+                module.quantize(quantization)
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Linear) and module.weight is not None:
                 module.quantize(quantization)
         tied = self.tie_word_embeddings
         self.head = base_weight(self.token_embedding().weight, quantization) if tied else self.lm_head.base

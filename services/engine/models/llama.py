@@ -26,7 +26,7 @@ from torch import nn
 from services.engine.adapter_slots import SlotLayout
 from services.engine.attention import paged_attention
 from services.engine.context import get_attention_batch
-from services.engine.layers import MultiAdapterLinear
+from services.engine.layers import Projections
 from services.engine.model_shapes import ModelConfigError
 from services.engine.models import (
     ACTIVATIONS,
@@ -173,14 +173,16 @@ class Attention(nn.Module):
         self.k_proj = spec.linear("self_attn.k_proj", d, kv_dim, c.attention_bias)
         self.v_proj = spec.linear("self_attn.v_proj", d, kv_dim, c.attention_bias)
         self.o_proj = spec.linear("self_attn.o_proj", q_dim, d, c.attention_bias)
+        self.qkv = Projections(self.q_proj, self.k_proj, self.v_proj)
         self.k_cache: torch.Tensor | None = None  # [slots, kv_heads, head_dim], a view of the engine's cache
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, d], cos/sin [T, 1, D] -> [T, d]"""
-        q = apply_rope(self.q_proj(x).unflatten(1, (self.n_head, self.head_dim)), cos, sin)  # [T, H, D]
-        k = apply_rope(self.k_proj(x).unflatten(1, (self.kv_heads, self.head_dim)), cos, sin)  # [T, kvH, D]
-        v = self.v_proj(x).unflatten(1, (self.kv_heads, self.head_dim))  # [T, kvH, D]
+        q, k, v = self.qkv(x)  # [T, H·D], [T, kvH·D], [T, kvH·D]
+        q = apply_rope(q.unflatten(1, (self.n_head, self.head_dim)), cos, sin)  # [T, H, D]
+        k = apply_rope(k.unflatten(1, (self.kv_heads, self.head_dim)), cos, sin)  # [T, kvH, D]
+        v = v.unflatten(1, (self.kv_heads, self.head_dim))  # [T, kvH, D]
         y = paged_attention(q, k, v, require_cache(self.k_cache), self.v_cache, get_attention_batch(), self.scale)  # [T, H, D]
         return self.o_proj(y.flatten(1))
 
@@ -191,11 +193,13 @@ class MLP(nn.Module):
         self.gate_proj = spec.linear("mlp.gate_proj", c.hidden_size, c.intermediate_size, c.mlp_bias)
         self.up_proj = spec.linear("mlp.up_proj", c.hidden_size, c.intermediate_size, c.mlp_bias)
         self.down_proj = spec.linear("mlp.down_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
+        self.gate_up = Projections(self.gate_proj, self.up_proj)
         self.act = ACTIVATIONS[c.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] -> [T, d]"""
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)  # [T, d_ff] each
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
