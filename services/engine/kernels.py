@@ -76,7 +76,9 @@ def lora_bmm(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.T
     a = g.gather(pool.a)  # [n, R, d_in]
     b = g.gather(pool.b)  # [n, R, d_out]
     h = torch.bmm(x[g.start : g.end].unsqueeze(1), a.transpose(1, 2))  # [n, 1, R]
-    y[g.start : g.end].unsqueeze(1).baddbmm_(h, b)  # += h @ b, in place: [n, 1, d_out]
+    # bmm then add, not baddbmm_: y may be a column slice of a fused projection's output, and an
+    # in-place bmm into a strided view takes a slow path (measured 5x: docs/engine.md).
+    y[g.start : g.end] += torch.bmm(h, b).squeeze(1)  # [n, d_out]
 
 
 def lora_gather(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
@@ -118,7 +120,7 @@ def lora_stacked(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: tor
     b = g.gather_adapters(pool.b).flatten(0, 1)  # [U·R, d_out]
     rows = x[g.start : g.end]
     h = (rows @ a.T).view(len(rows), len(g.segments), -1).mul_(g.adapter_mask.unsqueeze(-1))  # [n, U, R]
-    y[g.start : g.end].addmm_(h.flatten(1), b)
+    y[g.start : g.end] += h.flatten(1) @ b  # not addmm_: see lora_bmm
 
 
 def ia3(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: Ia3Pool, g: PoolGroup) -> None:
