@@ -2,14 +2,15 @@
 
     python -m benchmarks.figure2          (or: flora-gateway bench figure2)
 
-A StarCoderBase-1B-shaped model (random weights, fp32) with adapters on the fused
+A StarCoderBase-1B-shaped model (random weights; fp32, or int8 with --quantization int8) with adapters on the fused
 `attn.c_attn` (the paper's q,k target), every request its own adapter, at ranks
 1, 2, 4, 8, 16. Per rank, four engines configurations run back to back on the same
 model: no adapter (the reference), FLoRA (the cost model picks flora / flora_segment
 per batch), LoRA with the paper's torch.bmm baseline, and LoRA with the cost model's
 best path. Left: generated tokens/s for `--requests` concurrent requests. Right:
 seconds per output token under Poisson arrivals at `--rate` requests/s (default:
-0.8× what the no-adapter engine sustains here). Writes <out>/figure2.{json,md,png}.
+0.8× what the no-adapter engine sustains here). Writes <out>/figure2.{json,md,png}
+(figure2-int8.* for int8 weights).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from benchmarks.timing import machine
 from services.engine.adapter_batch import KernelPath
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import SlotPool
+from services.engine.base_weights import Quantization
 from services.engine.config import EngineConfig
 from services.engine.cost_model import CostModel, FixedPaths
 from services.engine.engine import LLMEngine, calibrate_for
@@ -55,12 +57,12 @@ CONFIGS = (
 )
 
 
-def build(requests: int, threads: int, model_name: str) -> tuple[LLMEngine, CostModel]:
+def build(requests: int, threads: int, model_name: str, quantization: Quantization) -> tuple[LLMEngine, CostModel]:
     torch.set_num_threads(threads)
     pools = tuple(SlotPool(kind, r, requests) for kind in (AdapterKind.FLORA, AdapterKind.LORA) for r in RANKS)
     config = EngineConfig(adapter_modules=TARGET, pools=pools, threads=threads, kv_cache_bytes=512 << 20,
-                          scheduler=SchedulerConfig(max_num_seqs=requests))
-    model = random_model(starcoder_config(model_name), config.adapter_modules, config.layout, config.torch_dtype)
+                          scheduler=SchedulerConfig(max_num_seqs=requests), quantization=quantization)
+    model = random_model(starcoder_config(model_name), config.adapter_modules, config.layout, config.torch_dtype, quantization=quantization)
     cost_model = calibrate_for(model, config)
     engine = LLMEngine(model, None, config, cost_model, frozenset())
     layers = model.adapted_layers()
@@ -128,7 +130,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xticks(list(RANKS), labels=[str(r) for r in RANKS])
         ax.grid(alpha=0.3)
     left.legend(fontsize=8)
-    fig.suptitle(f"{report['model']} shape, random weights, fp32, {report['threads']} threads — every request its own adapter on c_attn")
+    fig.suptitle(f"{report['model']} shape, random weights, {report['weights']} weights, {report['threads']} threads — every request its own adapter on c_attn")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -136,7 +138,7 @@ def plot(report: dict, path: Path) -> None:
 def markdown(report: dict) -> str:
     names = report["configs"]
     lines = [f"# Figure 2 on this machine — {report['machine']}", "", f"Command: `{report['command']}`", ""]
-    lines += [f"{report['model']}-shaped model (random weights, fp32, {report['threads']} torch threads), adapters on `attn.c_attn`, every request its own adapter.",
+    lines += [f"{report['model']}-shaped model (random weights, {report['weights']} weights, fp32 activations, {report['threads']} torch threads), adapters on `attn.c_attn`, every request its own adapter.",
               f"Throughput: {report['requests']} concurrent requests, {report['prompt_len']}-token prompts, {report['new_tokens']} new tokens each. "
               f"Latency: {report['latency_requests']} requests arriving as a Poisson process at {report['rate']:.2f} req/s.", "", f"Paper: {PAPER}.", ""]
     for title, key, fmt in (("Throughput (generated tokens/s)", "throughput", "{:.1f}"), ("Latency (seconds per output token)", "latency", "{:.3f}")):
@@ -159,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-requests", type=int, default=16)
     parser.add_argument("--rate", type=float, help="Poisson arrival rate, requests/s (default: 0.8x the measured no-adapter rate)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantization", choices=[q.value for q in Quantization], default="none", help="base weights: fp32 (none) or int8")
     args = parser.parse_args(argv)
-    engine, cost_model = build(args.requests, args.threads, args.model)
+    quantization = Quantization(args.quantization)
+    engine, cost_model = build(args.requests, args.threads, args.model, quantization)
     throughput(engine, adapter_ids(CONFIGS[0], 1, 2), args.prompt_len, 2)  # warm-up
     rows = []
     for rank in RANKS:
@@ -179,14 +183,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  rank {row['rank']} latency: " + ", ".join(f"{k} {v:.3f}" for k, v in row["latency"].items()) + " s/token", file=sys.stderr, flush=True)
     report = dict(
         command="flora-gateway bench figure2 " + " ".join(argv if argv is not None else sys.argv[1:]),
-        machine=machine(), model=args.model,
+        machine=machine(), model=args.model, weights="fp32" if quantization is Quantization.NONE else quantization.value,
         threads=args.threads, requests=args.requests, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         latency_requests=args.latency_requests, rate=rate, configs=[c.name for c in CONFIGS], ranks=rows,
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "figure2.json").write_text(json.dumps(report, indent=1))
-    (args.out / "figure2.md").write_text(markdown(report))
-    plot(report, args.out / "figure2.png")
+    stem = "figure2" if quantization is Quantization.NONE else f"figure2-{quantization.value}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    plot(report, args.out / f"{stem}.png")
     print(markdown(report))
     return 0
 

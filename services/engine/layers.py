@@ -106,8 +106,8 @@ class Projections(nn.Module):
     int8) and gives each part a view of its rows, so a step runs one GEMM instead of several (and
     int8 quantizes x once). Parts with adapters join in when this step's adapters only add to the
     base product (LoRA: `shares_base_gemm`); when some row's FLoRA or IA3 adapter changes a part's
-    W0 or input, every part computes on its own. The parts stay
-    where the checkpoint names them (q_proj.weight, ...), so loading is unchanged.
+    W0 or input, every part computes on its own. The parts stay where the checkpoint names them
+    (q_proj.weight, ...), so loading and adapter addressing are unchanged.
     """
 
     def __init__(self, *parts: Linear):

@@ -19,7 +19,7 @@ from services.engine.scheduler import ScheduledChunk
 
 class ModelRunner:
     def __init__(self, model: CausalLM, layout: SlotLayout, adapters: AdapterManager, chooser: PathChooser, num_blocks: int, block_size: int, dtype: torch.dtype):
-        self.model, self.layout, self.adapters, self.chooser = model, layout, adapters, chooser
+        self.model, self.layout, self.adapters, self._chooser = model, layout, adapters, chooser
         self.block_size = block_size
         dims = {layer.batch_index: (layer.d_in, layer.d_out) for layer in adapters.layers.values()}
         self.type_dims = [dims[i] for i in range(len(dims))]  # (d_in, d_out) of each adapted module type
@@ -28,6 +28,15 @@ class ModelRunner:
         self.v_cache = torch.zeros(shape, dtype=dtype)
         model.attach_kv_cache(self.k_cache, self.v_cache)
         self._plans: dict[tuple, AdapterBatch] = {}  # the last step's adapter batches, by what they depend on
+
+    @property
+    def chooser(self) -> PathChooser:
+        return self._chooser
+
+    @chooser.setter
+    def chooser(self, chooser: PathChooser) -> None:
+        """Swap the kernel-path chooser (benchmarks compare paths); plans made by the old one are dropped."""
+        self._chooser, self._plans = chooser, {}
 
     @staticmethod
     def bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -65,4 +74,4 @@ class ModelRunner:
 
     def _plan(self, slots: tuple[int, ...], lengths: tuple[int, ...], d_in: int, d_out: int) -> AdapterBatch:
         rows = torch.tensor(slots).repeat_interleave(torch.tensor(lengths))  # [T]
-        return AdapterBatch.build(rows, self.layout, self.chooser, d_in, d_out)
+        return AdapterBatch.build(rows, self.layout, self._chooser, d_in, d_out)
