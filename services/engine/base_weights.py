@@ -120,10 +120,6 @@ class Int8Weight:
     def dense(self) -> torch.Tensor:
         return (self.qweight_t.T.float() * self.scale[:, None]).to(self.dtype)
 
-    @property
-    def nbytes(self) -> int:
-        return self.qweight_t.nbytes + self.scale.nbytes
-
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, d] float -> (xq [T, d] int8, x_scale [T, 1] fp32), x ≈ xq · x_scale, symmetric per row."""
