@@ -1,4 +1,4 @@
-"""The adapter store's configuration: the one place that reads environment variables.
+"""The adapter store's configuration, from environment variables (read through services/env.py).
 
 The variables below configure it; `adapterctl` has flags for the ones that
 change between invocations, and flags win over the environment.
@@ -21,12 +21,12 @@ change between invocations, and flags win over the environment.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters_store.errors import UsageError
+from services.env import environ
 
 MiB = 1024 * 1024
 
@@ -77,7 +77,7 @@ class Settings:
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> "Settings":
-        env = os.environ if env is None else env
+        env = environ() if env is None else env
         s3 = S3Settings(
             endpoint_url=env.get("FLORA_S3_ENDPOINT_URL") or None,
             region=env.get("FLORA_S3_REGION", "us-east-1"),

