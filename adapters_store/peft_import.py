@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,14 +93,20 @@ def _lora(config: dict, tensors: dict[str, torch.Tensor], model_id: str, where: 
     if config.get("use_rslora"):
         alpha = alpha * math.sqrt(rank)
     normalized, modules = {}, set()
-    for name, tensor in tensors.items():
-        match = _LORA_NAME.match(name)
-        if match is None:
-            raise AdapterValidationError(where, [f"tensor {name} is not a LoRA A/B weight of a linear layer (not supported)"])
+    for name, tensor, match in _matched(tensors, _LORA_NAME, "a LoRA A/B weight", where):
         modules.add(match["module"])
         normalized[f"{match['module']}.{match['part']}"] = tensor
     spec = _spec(AdapterKind.LORA, rank, modules, model_id, float(alpha), where)
     return spec, normalized
+
+
+def _matched(tensors: dict[str, torch.Tensor], pattern: re.Pattern, what: str, where: str) -> Iterator[tuple[str, torch.Tensor, re.Match]]:
+    """(name, tensor, match) for every tensor; a name the pattern refuses is a validation error."""
+    for name, tensor in tensors.items():
+        match = pattern.match(name)
+        if match is None:
+            raise AdapterValidationError(where, [f"tensor {name} is not {what} of a linear layer (not supported)"])
+        yield name, tensor, match
 
 
 def _refuse_unsupported_lora(config: dict, where: str) -> None:
@@ -118,10 +125,7 @@ def _refuse_unsupported_lora(config: dict, where: str) -> None:
 
 def _ia3(tensors: dict[str, torch.Tensor], model_id: str, where: str) -> tuple[AdapterSpec, dict]:
     normalized, modules = {}, set()
-    for name, tensor in tensors.items():
-        match = _IA3_NAME.match(name)
-        if match is None:
-            raise AdapterValidationError(where, [f"tensor {name} is not an IA3 vector of a linear layer (not supported)"])
+    for name, tensor, match in _matched(tensors, _IA3_NAME, "an IA3 vector", where):
         modules.add(match["module"])
         normalized[f"{match['module']}.{_ia3_side(name, tensor, where)}"] = tensor.reshape(-1)
     return _spec(AdapterKind.IA3, 1, modules, model_id, None, where), normalized
