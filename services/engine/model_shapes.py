@@ -55,8 +55,8 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 def _gpt_bigcode(config: Mapping[str, Any]) -> dict[str, ModuleShape]:
-    d, layers, heads = _int(config, "n_embd"), _int(config, "n_layer"), _int(config, "n_head")
-    inner = _int(config, "n_inner") if config.get("n_inner") is not None else 4 * d
+    d, layers, heads = read_int(config, "n_embd"), read_int(config, "n_layer"), read_int(config, "n_head")
+    inner = read_int(config, "n_inner", 4 * d)
     # Multi-query attention: one shared key and value head next to the n_head query heads.
     qkv = d + 2 * (d // heads) if config.get("multi_query", True) else 3 * d
     per_layer = {
@@ -69,10 +69,10 @@ def _gpt_bigcode(config: Mapping[str, Any]) -> dict[str, ModuleShape]:
 
 
 def _llama(config: Mapping[str, Any]) -> dict[str, ModuleShape]:
-    d, layers, heads = _int(config, "hidden_size"), _int(config, "num_hidden_layers"), _int(config, "num_attention_heads")
-    kv_heads = _int(config, "num_key_value_heads") if config.get("num_key_value_heads") is not None else heads
-    head_dim = _int(config, "head_dim") if config.get("head_dim") is not None else d // heads
-    inner = _int(config, "intermediate_size")
+    d, layers, heads = read_int(config, "hidden_size"), read_int(config, "num_hidden_layers"), read_int(config, "num_attention_heads")
+    kv_heads = read_int(config, "num_key_value_heads", heads)
+    head_dim = read_int(config, "head_dim", d // heads)
+    inner = read_int(config, "intermediate_size")
     per_layer = {
         "self_attn.q_proj": ModuleShape(d, heads * head_dim),
         "self_attn.k_proj": ModuleShape(d, kv_heads * head_dim),
@@ -89,11 +89,31 @@ def _expand(prefix: str, layers: int, per_layer: dict[str, ModuleShape]) -> dict
     return {f"{prefix}.{i}.{name}": shape for i in range(layers) for name, shape in per_layer.items()}
 
 
-def _int(config: Mapping[str, Any], key: str) -> int:
+def read_int(config: Mapping[str, Any], key: str, default: int | None = None) -> int:
     value = config.get(key)
+    if value is None and default is not None:
+        return default
     # bool is an int subclass; a `true` where a size belongs is a broken config, not 1.
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ModelConfigError(f"config field {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def read_float(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ModelConfigError(f"config field {key!r} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def read_bool(config: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ModelConfigError(f"config field {key!r} must be true or false, got {value!r}")
     return value
 
 

@@ -26,7 +26,6 @@ from torch import nn
 from services.engine.adapter_slots import SlotLayout
 from services.engine.base_weights import BaseWeight, Quantization, base_weight
 from services.engine.layers import Linear, MultiAdapterLinear, Projections
-from services.engine.model_shapes import ModelConfigError
 
 
 class CausalLM(Protocol):
@@ -198,7 +197,7 @@ class CausalLMBase(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading config.json (errors name the field, like model_shapes)
+# Activations by config.json name (the field readers are model_shapes.read_*)
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -208,31 +207,3 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
 }
-
-
-def read_int(config: Mapping[str, Any], key: str, default: int | None = None) -> int:
-    value = config.get(key)
-    if value is None and default is not None:
-        return default
-    # bool is an int subclass; a `true` where a size belongs is a broken config, not 1.
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ModelConfigError(f"config field {key!r} must be a positive integer, got {value!r}")
-    return value
-
-
-def read_float(config: Mapping[str, Any], key: str, default: float) -> float:
-    value = config.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ModelConfigError(f"config field {key!r} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def read_bool(config: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = config.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ModelConfigError(f"config field {key!r} must be true or false, got {value!r}")
-    return value

@@ -26,14 +26,11 @@ from services.engine.adapter_slots import SlotLayout
 from services.engine.attention import paged_attention
 from services.engine.context import get_attention_batch
 from services.engine.layers import MultiAdapterLinear
-from services.engine.model_shapes import ModelConfigError
+from services.engine.model_shapes import ModelConfigError, read_bool, read_float, read_int
 from services.engine.models import (
     ACTIVATIONS,
     BuildSpec,
     CausalLMBase,
-    read_bool,
-    read_float,
-    read_int,
     require_cache,
 )
 

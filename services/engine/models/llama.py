@@ -27,15 +27,12 @@ from services.engine.adapter_slots import SlotLayout
 from services.engine.attention import paged_attention
 from services.engine.context import get_attention_batch
 from services.engine.layers import Projections
-from services.engine.model_shapes import ModelConfigError
+from services.engine.model_shapes import ModelConfigError, read_bool, read_float, read_int
 from services.engine.models import (
     ACTIVATIONS,
     BuildSpec,
     CausalLMBase,
     RMSNorm,
-    read_bool,
-    read_float,
-    read_int,
     require_cache,
 )
 
