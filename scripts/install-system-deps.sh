@@ -2,12 +2,15 @@
 # System packages the project needs (Debian, as root). Idempotent: installs only what is missing.
 #   python3, python3-venv  the interpreter and venv for .venv/ (torch==2.13.0 is a cp311 wheel)
 #   redis-server           the adapter registry; tests start their own on a free loopback port
+#   g++, ninja-build       build the engine's C++ kernels (services/engine/csrc/) on first use
 set -euo pipefail
 
 need=()
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v g++ >/dev/null || need+=(g++)
+command -v ninja >/dev/null || need+=(ninja-build)
 
 if ((${#need[@]})); then
     if [ "$(id -u)" -ne 0 ]; then

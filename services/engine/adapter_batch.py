@@ -34,7 +34,7 @@ class KernelPath(enum.Enum):
     FLORA = "flora"  # per-row b/a gathered, r base matmuls stacked (paper eq. 6)
     FLORA_SEGMENT = "flora_segment"  # per adapter: W0 ∘ (B A)ᵀ merged, one GEMM per segment
     LORA_BMM = "lora_bmm"  # paper appendix A.2: per-row A/B gathered, two torch.bmm
-    LORA_GATHER = "lora_gather"  # BGMV-style: per-token gathered A/B, gather-matvec (einsum)
+    LORA_BGMV = "lora_bgmv"  # BGMV: per row, its A/B read in place by a fused C++ kernel
     LORA_SEGMENT = "lora_segment"  # SGMV-style: one (x A) B pair of GEMMs per adapter segment
     LORA_STACKED = "lora_stacked"  # the group's U adapters stacked: two GEMMs of U·R columns and a mask
     IA3 = "ia3"  # per-row scaling vectors
@@ -42,7 +42,7 @@ class KernelPath(enum.Enum):
 
 PATHS_BY_KIND: dict[AdapterKind, tuple[KernelPath, ...]] = {
     AdapterKind.FLORA: (KernelPath.FLORA, KernelPath.FLORA_SEGMENT),
-    AdapterKind.LORA: (KernelPath.LORA_BMM, KernelPath.LORA_GATHER, KernelPath.LORA_SEGMENT, KernelPath.LORA_STACKED),
+    AdapterKind.LORA: (KernelPath.LORA_BMM, KernelPath.LORA_BGMV, KernelPath.LORA_SEGMENT, KernelPath.LORA_STACKED),
     AdapterKind.IA3: (KernelPath.IA3,),
 }
 

@@ -47,7 +47,7 @@ def path_load(path: KernelPath | None, s: GroupShape) -> tuple[float, float]:
             return math.ceil(r / max(1, FLORA_STACKED_ROWS // n)), n * r * d_in * d_out
         case KernelPath.FLORA_SEGMENT:
             return u, d_in * d_out * (u * (r + 1) + n)  # merge (B A)ᵀ ∘ W0 per adapter, then its rows' GEMM
-        case KernelPath.LORA_BMM | KernelPath.LORA_GATHER:
+        case KernelPath.LORA_BMM | KernelPath.LORA_BGMV:
             return 1, n * r * (d_in + d_out)
         case KernelPath.LORA_SEGMENT:
             return u, n * r * (d_in + d_out)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from services.engine import native
 from services.engine.adapter_batch import KernelPath, PoolGroup
 from services.engine.adapter_slots import FloraPool, Ia3Pool, LoraPool, PoolStorage
 from services.engine.base_weights import BaseWeight, DenseWeight
@@ -81,18 +82,14 @@ def lora_bmm(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.T
     y[g.start : g.end] += torch.bmm(h, b).squeeze(1)  # [n, d_out]
 
 
-def lora_gather(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
+def lora_bgmv(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
     """Semantics: y[t] += (x[t] @ a[s_t]ᵀ) @ b[s_t]
 
-    BGMV-style (Punica / vLLM's torch reference of bgmv_shrink/bgmv_expand): each
-    token gathers its adapter's rows and does a matrix-vector product, written as
-    einsum. On the GPU a fused BGMV kernel reads the stacked weights in place; in
-    plain torch the gather materializes, so the cost model measures it as it is.
+    BGMV as Punica's and vLLM's kernels do it: one fused C++ pass per row reads that row's
+    A and B where they lie in the pool (csrc/lora_ops.cpp), so nothing is gathered or copied
+    and the whole group is one call whatever its adapter mix. Sums in fp32.
     """
-    a = g.gather(pool.a)  # [n, R, d_in]
-    b = g.gather(pool.b)  # [n, R, d_out]
-    h = torch.einsum("nd,nrd->nr", x[g.start : g.end], a)  # [n, R]   shrink
-    y[g.start : g.end] += torch.einsum("nr,nro->no", h, b)  # [n, d_out] expand
+    native.ops().lora_bgmv_.default(y[g.start : g.end], x[g.start : g.end], pool.a, pool.b, g.slots)
 
 
 def lora_segment(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
@@ -143,7 +140,7 @@ KERNELS: dict[KernelPath, Kernel] = {
     KernelPath.FLORA: flora,
     KernelPath.FLORA_SEGMENT: flora_segment,
     KernelPath.LORA_BMM: lora_bmm,
-    KernelPath.LORA_GATHER: lora_gather,
+    KernelPath.LORA_BGMV: lora_bgmv,
     KernelPath.LORA_SEGMENT: lora_segment,
     KernelPath.LORA_STACKED: lora_stacked,
     KernelPath.IA3: ia3,

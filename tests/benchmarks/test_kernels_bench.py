@@ -12,7 +12,7 @@ def test_quick_run_writes_complete_report(tmp_path, capsys):
     assert main(["--quick", "--rows", "4", "16", "--ranks", "1", "2", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "kernels.json").read_text())
     measured = {(c["rows"], c["rank"], c["path"]) for c in report["cells"]}
-    lora_and_flora = {KernelPath.FLORA.value, KernelPath.LORA_BMM.value, KernelPath.LORA_GATHER.value, KernelPath.LORA_SEGMENT.value}
+    lora_and_flora = {KernelPath.FLORA.value, KernelPath.LORA_BMM.value, KernelPath.LORA_BGMV.value, KernelPath.LORA_SEGMENT.value}
     assert {(r, k, p) for r in (4, 16) for k in (1, 2) for p in lora_and_flora} <= measured
     assert all(c["seconds"] > 0 and c["base_seconds"] > 0 and c["ratio"] > 0 for c in report["cells"])
     assert {(x["rows"], x["shape"]) for x in report["crossover"]} == {(4, "tiny"), (16, "tiny")}

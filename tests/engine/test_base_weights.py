@@ -30,7 +30,7 @@ def operands(rows: int, d_in: int, d_out: int, seed: int = 0) -> tuple[torch.Ten
 def test_int8_matmul_equals_its_float64_reference(rows, d_in, d_out):
     x, w = operands(rows, d_in, d_out)
     weight = Int8Weight.quantize(w)
-    assert weight.qweight_t.dtype == torch.int8 and weight.qweight_t.shape == (d_in, d_out)
+    assert weight.qweight.dtype == torch.int8 and weight.qweight.shape == (d_out, d_in)
     assert rel_err(weight.mm(x).double(), int8_reference_mm(x, weight)) <= 1e-6
 
 

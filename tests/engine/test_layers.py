@@ -121,7 +121,7 @@ def test_projections_fuse_plain_parts_into_one_gemm(quantization):
     proj = Projections(*parts)
     proj.quantize(quantization)
     assert all(p.weight is None for p in parts)  # the fused matrix holds the only copy; parts view its rows
-    storage = lambda w: (w.weight if isinstance(w, DenseWeight) else w.qweight_t).untyped_storage().data_ptr()  # noqa: E731
+    storage = lambda w: (w.weight if isinstance(w, DenseWeight) else w.qweight).untyped_storage().data_ptr()  # noqa: E731
     assert all(storage(p.base) == storage(proj.base) for p in parts)
     a, b = proj(x)
     fused = base_weight(torch.cat(weights), quantization).mm(x)

@@ -1,0 +1,49 @@
+"""The engine's compiled CPU kernels (csrc/*.cpp), built once per machine on first use.
+
+torch.utils.cpp_extension compiles them with the machine's g++ and ninja (both installed
+by scripts/install-system-deps.sh) into <cache>/torch_extensions/ (~10 s, once; later
+processes load the built library in milliseconds, and an edited source is rebuilt). The
+ops register with torch's dispatcher, so they run on torch's own thread pool.
+
+Each kernel has a plain-torch reference that the tests hold it to (named in its docstring).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from services.env import cache_root
+
+_CSRC = Path(__file__).parent / "csrc"
+# -march=native: the library is built on, and cached for, the machine that runs it.
+# -ffp-contract=off: no fused multiply-adds, so results are bitwise torch's (the oracles').
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd"]
+
+
+class NativeBuildError(RuntimeError):
+    pass
+
+
+@functools.cache
+def ops() -> torch._ops._OpNamespace:
+    """torch.ops.flora: every kernel of csrc/, built into one library on first use.
+
+    quantize_rows, dequantize_into   csrc/int8_ops.cpp   references: base_weights.quantize_rows, .dequantize
+    lora_bgmv_                       csrc/lora_ops.cpp   reference: reference.reference_row
+    """
+    from torch.utils.cpp_extension import load
+
+    build_dir = cache_root() / "torch_extensions" / "flora_native"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = sorted(str(p) for p in _CSRC.glob("*.cpp"))
+    try:
+        load(name="flora_native", sources=sources, extra_cflags=_CFLAGS, build_directory=str(build_dir), is_python_module=False)
+    except (RuntimeError, OSError) as e:
+        raise NativeBuildError(
+            f"could not build the engine's C++ kernels ({', '.join(Path(s).name for s in sources)}): {e}. "
+            "They need g++ and ninja: run scripts/install-system-deps.sh as root (or apt-get install g++ ninja-build)."
+        ) from e
+    return torch.ops.flora

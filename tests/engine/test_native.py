@@ -1,0 +1,139 @@
+"""The compiled kernels (services/engine/csrc/) against their plain-torch references: bitwise for
+the int8 glue (same arithmetic, same order), within fp32 rounding for the LoRA kernel; strided
+outputs, both thread counts, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.engine import native
+from services.engine.adapter_format import AdapterKind
+from services.engine.base_weights import dequantize, quantize_rows
+from services.engine.reference import reference_linear
+from tests.engine.helpers import random_adapter, rel_err
+
+QUANT_SHAPES = [(1, 1), (1, 576), (3, 5), (32, 576), (7, 1536), (400, 1536)]  # (rows, width); the last splits across threads
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rows,width", QUANT_SHAPES)
+def test_quantize_rows_is_bitwise_the_torch_reference(rows, width, threads):
+    gen = torch.Generator().manual_seed(rows * width)
+    x = torch.randn(rows, width, generator=gen) * torch.logspace(-3, 3, rows)[:, None]
+    x[0, 0] = 0.5 * (x[0].abs().max() / 127)  # exactly half a step: rounds to even, like torch.round
+    xq, scale = native.ops().quantize_rows(x)
+    ref_q, ref_scale = quantize_rows(x)
+    assert xq.dtype == torch.int8 and torch.equal(xq, ref_q)
+    assert scale.shape == (rows, 1) and torch.equal(scale, ref_scale)
+
+
+def test_quantize_rows_reads_strided_rows_and_zero_rows():
+    wide = torch.randn(4, 100)
+    wide[2] = 0
+    x = wide[:, 10:60]  # rows 100 apart
+    xq, scale = native.ops().quantize_rows(x)
+    ref_q, ref_scale = quantize_rows(x.contiguous())
+    assert torch.equal(xq, ref_q) and torch.equal(scale, ref_scale)
+    assert torch.equal(xq[2], torch.zeros(50, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("rows,width", [(1, 8), (33, 70), (300, 960)])
+def test_dequantize_into_is_bitwise_the_torch_reference(rows, width, with_bias, threads):
+    gen = torch.Generator().manual_seed(rows + width)
+    acc = torch.randint(-(2**28), 2**28, (rows, width), dtype=torch.int32, generator=gen)  # beyond 2^24: rounds like torch
+    x_scale, w_scale = torch.rand(rows, 1, generator=gen), torch.rand(width, generator=gen)
+    bias = torch.randn(width, generator=gen) if with_bias else None
+    out = torch.empty(rows, width)
+    native.ops().dequantize_into(out, acc, x_scale, w_scale, bias)
+    assert torch.equal(out, dequantize(acc, x_scale, w_scale, bias))
+
+
+def test_dequantize_into_writes_a_column_block_and_nothing_else():
+    acc = torch.randint(-1000, 1000, (5, 7), dtype=torch.int32)
+    x_scale, w_scale = torch.rand(5, 1), torch.rand(7)
+    fused = torch.full((5, 20), 7.0)
+    native.ops().dequantize_into(fused[:, 3:10], acc, x_scale, w_scale, None)
+    assert torch.equal(fused[:, 3:10], dequantize(acc, x_scale, w_scale))
+    assert (fused[:, :3] == 7).all() and (fused[:, 10:] == 7).all()
+
+
+def test_int8_kernels_refuse_bad_input_clearly():
+    ops = native.ops()
+    with pytest.raises(RuntimeError, match="x must be Float"):
+        ops.quantize_rows(torch.ones(2, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        ops.quantize_rows(torch.ones(3))
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        ops.quantize_rows(torch.ones(3, 4).T)
+    acc = torch.zeros(2, 3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="out has shape"):
+        ops.dequantize_into(torch.empty(2, 4), acc, torch.ones(2, 1), torch.ones(3), None)
+    with pytest.raises(RuntimeError, match="w_scale must be a contiguous float32 \\[3\\]"):
+        ops.dequantize_into(torch.empty(2, 3), acc, torch.ones(2, 1), torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.dequantize_into(torch.empty(2, 3), acc, torch.ones(2, 1), torch.ones(3), torch.ones(3, dtype=torch.float64))
+
+
+def lora_pool(num_slots: int, rank: int, d_in: int, d_out: int, dtype: torch.dtype, gen: torch.Generator):
+    """Random LoRA adapters of ranks up to `rank`, stored as adapter_slots.LoraPool stores them
+    (rank-padded with zeros, scale folded into b) -> (a [S, R, d_in], b [S, R, d_out], adapters)."""
+    a = torch.zeros(num_slots, rank, d_in, dtype=dtype)
+    b = torch.zeros(num_slots, rank, d_out, dtype=dtype)
+    adapters = []
+    for s in range(num_slots):
+        w = random_adapter(AdapterKind.LORA, 1 + s % rank, d_in, d_out, dtype, gen)
+        a[s, : w.rank] = w.a
+        b[s, : w.rank] = w.scale * w.b.T
+        adapters.append(w)
+    return a, b, adapters
+
+
+@pytest.mark.parametrize("rows,num_slots,rank,d_in,d_out", [(1, 1, 1, 8, 8), (32, 32, 8, 576, 192), (40, 3, 16, 64, 96), (384, 32, 8, 576, 576)])
+def test_lora_bgmv_adds_each_rows_own_adapter(rows, num_slots, rank, d_in, d_out, threads):
+    gen = torch.Generator().manual_seed(rows + rank)
+    a, b, adapters = lora_pool(num_slots, rank, d_in, d_out, torch.float32, gen)
+    x = torch.randn(rows, d_in, generator=gen)
+    w = torch.zeros(d_out, d_in, dtype=torch.float64)  # W0 = 0: the reference is the LoRA term alone
+    slots = torch.randint(num_slots, (rows,), generator=gen)
+    y0 = torch.randn(rows, d_out, generator=gen)
+    y = y0.clone()
+    native.ops().lora_bgmv_(y, x, a, b, slots)
+    delta = reference_linear(x.double(), w, None, [adapters[s] for s in slots.tolist()])
+    assert rel_err((y - y0).double(), delta) <= 1e-5
+
+
+def test_lora_bgmv_in_bfloat16_and_into_a_column_block():
+    gen = torch.Generator().manual_seed(5)
+    a, b, adapters = lora_pool(4, 8, 64, 48, torch.bfloat16, gen)
+    x = torch.randn(9, 64, generator=gen).bfloat16()
+    slots = torch.tensor([3, 0, 0, 1, 2, 3, 1, 1, 0])
+    fused = torch.zeros(9, 100, dtype=torch.bfloat16)
+    native.ops().lora_bgmv_(fused[:, 20:68], x, a, b, slots)
+    delta = reference_linear(x.double(), torch.zeros(48, 64, dtype=torch.float64), None, [adapters[s] for s in slots.tolist()])
+    assert rel_err(fused[:, 20:68].double(), delta) <= 1e-2  # one bf16 rounding of the output
+    assert (fused[:, :20] == 0).all() and (fused[:, 68:] == 0).all()
+
+
+def test_lora_bgmv_refuses_bad_input_clearly():
+    a, b = torch.zeros(2, 4, 8), torch.zeros(2, 4, 6)
+    x, y = torch.zeros(3, 8), torch.zeros(3, 6)
+    op = native.ops().lora_bgmv_
+    with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 2\), got \[0, 2\]"):
+        op(y, x, a, b, torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="same number of rows"):
+        op(y, x, a, b, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="do not match"):
+        op(y, torch.zeros(3, 7), a, b, torch.tensor([0, 1, 1]))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        op(y, x.double(), a, b, torch.tensor([0, 1, 1]))
+    with pytest.raises(RuntimeError, match="slots must be contiguous int64"):
+        op(y, x, a, b, torch.tensor([0, 1, 1], dtype=torch.int32))
