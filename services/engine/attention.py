@@ -1,13 +1,14 @@
-"""Paged attention over a block KV cache, plain torch, for ragged batches.
+"""Paged attention over a block KV cache, for ragged batches.
 
 One step mixes sequences at different points: decode rows (1 new token), prefill
 chunks (many new tokens), each with its own context length and block table.
-`AttentionBatch` (built once per step by the model runner) pads them into one
-[B, Qmax] x [B, Cmax] problem so that every layer makes a single SDPA call:
+`AttentionBatch` (built once per step by the model runner) splits them:
 
-    q_index  [B, Qmax]  row of each sequence's j-th new token in the flat [T] batch
-    kv_index [B, Cmax]  cache slot of each sequence's p-th context position
-    mask     [B, 1, Qmax, Cmax]  causal within the sequence, False on padding
+  decode   one query per sequence: a C++ kernel (csrc/attention_ops.cpp) reads each
+           sequence's keys and values where they lie in the cache, no copies
+             rows [Nd]  kv_index [Nd, Cmax]  lengths [Nd]
+  prefill  the rest, padded into one [B, Qmax] x [B, Cmax] problem for a single SDPA call
+             q_index [B, Qmax]  kv_index [B, Cmax]  mask [B, 1, Qmax, Cmax]  rows [Tp]
 
 The KV cache of a layer is flat: k_cache [num_blocks · block_size, kv_heads, head_dim];
 slot = block_table[pos // block_size] · block_size + pos % block_size.
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.engine import native
+
 
 @dataclass(frozen=True)
 class SequenceChunk:
@@ -31,14 +34,32 @@ class SequenceChunk:
 
 
 @dataclass(frozen=True)
-class AttentionBatch:
-    positions: torch.Tensor  # [T] int64, position of each new token in its sequence
-    slot_mapping: torch.Tensor  # [T] int64, cache slot where each new token's K/V is written
+class DecodeRows:
+    """The step's sequences with one new token."""
+
+    rows: torch.Tensor  # [Nd] int64, row in [T] of each one's token
+    kv_index: torch.Tensor  # [Nd, Cmax] int64 cache slot of each context position (padding: 0)
+    lengths: torch.Tensor  # [Nd] int64 context length, this token included
+
+
+@dataclass(frozen=True)
+class PaddedChunks:
+    """The step's sequences with several new tokens, padded for one SDPA call."""
+
+    rows: torch.Tensor  # [Tp] int64, rows in [T] of their tokens, in padded-row order
     q_index: torch.Tensor  # [B, Qmax] int64 into [T] (padding: 0)
     kv_index: torch.Tensor  # [B, Cmax] int64 cache slots (padding: 0)
     mask: torch.Tensor  # [B, 1, Qmax, Cmax] bool, True = attend
-    out_index: torch.Tensor  # [T] int64 into the padded [B · Qmax] rows
+    out_index: torch.Tensor  # [Tp] int64 into the padded [B · Qmax] rows
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    positions: torch.Tensor  # [T] int64, position of each new token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64, cache slot where each new token's K/V is written
     last_token_rows: torch.Tensor  # [B] int64, row in [T] of each sequence's last new token
+    decode: DecodeRows | None
+    prefill: PaddedChunks | None
 
     @staticmethod
     def build(chunks: list[SequenceChunk], block_size: int, device: torch.device | str = "cpu") -> "AttentionBatch":
@@ -48,26 +69,47 @@ class AttentionBatch:
         new = torch.tensor([c.num_new for c in chunks])  # [B]
         total = cached + new
         tables = _padded_tables(chunks, total, block_size)  # [B, max blocks]
-        q_max, c_max = int(new.max()), int(total.max())
-        pos = torch.arange(c_max)  # context positions
-        j = torch.arange(q_max)  # j-th new token of a sequence
-        kv_index = tables[:, pos // block_size] * block_size + pos % block_size  # [B, Cmax]
-        kv_index *= pos < total[:, None]  # padding -> slot 0
-        q_valid = j < new[:, None]  # [B, Qmax]
-        q_pos = cached[:, None] + j  # [B, Qmax] position of each new token
+        pos = torch.arange(int(total.max()))  # context positions
+        kv_index = (tables[:, pos // block_size] * block_size + pos % block_size) * (pos < total[:, None])  # [B, Cmax], padding -> 0
         first_row = new.cumsum(0) - new  # [B] row of each sequence's first new token in [T]
-        mask = (pos <= q_pos[:, :, None]) & q_valid[:, :, None]  # [B, Qmax, Cmax], causal
-        mask[:, :, 0] = True  # padded query rows attend somewhere (their output is dropped), avoiding NaN
+        seq_of_row = torch.arange(len(chunks)).repeat_interleave(new)  # [T]
+        positions = cached[seq_of_row] + torch.arange(len(seq_of_row)) - first_row[seq_of_row]  # [T]
+        is_decode = new == 1
         to = lambda t: t.to(device)  # noqa: E731
+        decode = prefill = None
+        if bool(is_decode.any()):
+            lengths = total[is_decode]
+            decode = DecodeRows(to(first_row[is_decode]), to(kv_index[is_decode, : int(lengths.max())]), to(lengths))
+        if not bool(is_decode.all()):
+            several = ~is_decode
+            prefill = pad_chunks(cached[several], new[several], first_row[several], kv_index[several], device)
         return AttentionBatch(
-            positions=to(q_pos[q_valid]),
-            slot_mapping=to(kv_index.gather(1, q_pos.clamp(max=c_max - 1))[q_valid]),
-            q_index=to((first_row[:, None] + j) * q_valid),
-            kv_index=to(kv_index),
-            mask=to(mask.unsqueeze(1)),
-            out_index=to((torch.arange(len(chunks))[:, None] * q_max + j)[q_valid]),
+            positions=to(positions),
+            slot_mapping=to(kv_index[seq_of_row, positions]),
             last_token_rows=to(first_row + new - 1),
+            decode=decode,
+            prefill=prefill,
         )
+
+
+def pad_chunks(cached: torch.Tensor, new: torch.Tensor, first_row: torch.Tensor, kv_index: torch.Tensor, device) -> PaddedChunks:
+    """Sequences [B] with their counts, first rows in [T] and cache slots -> one padded SDPA problem."""
+    q_max, c_max = int(new.max()), int((cached + new).max())
+    pos = torch.arange(c_max)
+    j = torch.arange(q_max)  # j-th new token of a sequence
+    q_valid = j < new[:, None]  # [B, Qmax]
+    q_pos = cached[:, None] + j  # [B, Qmax] position of each new token
+    mask = (pos <= q_pos[:, :, None]) & q_valid[:, :, None]  # [B, Qmax, Cmax], causal
+    mask[:, :, 0] = True  # padded query rows attend somewhere (their output is dropped), avoiding NaN
+    rows = first_row[:, None] + j  # [B, Qmax]
+    to = lambda t: t.to(device)  # noqa: E731
+    return PaddedChunks(
+        rows=to(rows[q_valid]),
+        q_index=to(rows * q_valid),
+        kv_index=to(kv_index[:, :c_max].contiguous()),
+        mask=to(mask.unsqueeze(1)),
+        out_index=to((torch.arange(len(new))[:, None] * q_max + j)[q_valid]),
+    )
 
 
 def _padded_tables(chunks: list[SequenceChunk], total: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -91,10 +133,23 @@ def paged_attention(
     """
     k_cache.index_copy_(0, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
-    b, q_max, c_max = batch.mask.shape[0], batch.mask.shape[2], batch.mask.shape[3]
+    q = q.contiguous()
+    if batch.decode is None:
+        return padded_sdpa(q, k_cache, v_cache, batch.prefill, scale)  # every row is a prefill row, in order
+    out = torch.empty_like(q)
+    d = batch.decode
+    native.ops().paged_decode_attention_.default(out, q, k_cache, v_cache, d.rows, d.kv_index, d.lengths, scale)
+    if batch.prefill is not None:
+        out.index_copy_(0, batch.prefill.rows, padded_sdpa(q, k_cache, v_cache, batch.prefill, scale))
+    return out
+
+
+def padded_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PaddedChunks, scale: float) -> torch.Tensor:
+    """-> [Tp, H, D] for the padded chunks' rows, in `p.rows` order (the reference for the decode kernel too)."""
+    b, q_max, c_max = p.mask.shape[0], p.mask.shape[2], p.mask.shape[3]
     # index_select on the flat index: ~2.5x faster than advanced indexing for these gathers.
-    keys = k_cache.index_select(0, batch.kv_index.view(-1)).view(b, c_max, *k_cache.shape[1:]).transpose(1, 2)  # [B, kvH, Cmax, D]
-    values = v_cache.index_select(0, batch.kv_index.view(-1)).view(b, c_max, *v_cache.shape[1:]).transpose(1, 2)
-    queries = q.index_select(0, batch.q_index.view(-1)).view(b, q_max, *q.shape[1:]).transpose(1, 2)  # [B, H, Qmax, D]
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.mask, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2).reshape(b * q_max, *q.shape[1:]).index_select(0, batch.out_index)  # [T, H, D]
+    keys = k_cache.index_select(0, p.kv_index.view(-1)).view(b, c_max, *k_cache.shape[1:]).transpose(1, 2)  # [B, kvH, Cmax, D]
+    values = v_cache.index_select(0, p.kv_index.view(-1)).view(b, c_max, *v_cache.shape[1:]).transpose(1, 2)
+    queries = q.index_select(0, p.q_index.view(-1)).view(b, q_max, *q.shape[1:]).transpose(1, 2)  # [B, H, Qmax, D]
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=p.mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).reshape(b * q_max, *q.shape[1:]).index_select(0, p.out_index)  # [Tp, H, D]

@@ -19,8 +19,18 @@ from services.env import cache_root
 
 _CSRC = Path(__file__).parent / "csrc"
 # -march=native: the library is built on, and cached for, the machine that runs it.
-# -ffp-contract=off: no fused multiply-adds, so results are bitwise torch's (the oracles').
-_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd"]
+# -ffp-contract=off: no implicit fused multiply-adds, so the int8 glue is bitwise torch's (the oracles').
+# -fopenmp: at::parallel_for is a header template that only splits work when compiled with OpenMP;
+#   the library then binds to the libgomp.so.1 that torch has already loaded (same soname): one pool.
+_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fopenmp"]
+
+
+def _vector_flags() -> list[str]:
+    """at::vec (used for exp) at the width torch itself picked on this CPU: AVX512, AVX2 or scalar."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX512", "AVX2"):
+        return [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
 
 
 class NativeBuildError(RuntimeError):
@@ -40,7 +50,7 @@ def ops() -> torch._ops._OpNamespace:
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = sorted(str(p) for p in _CSRC.glob("*.cpp"))
     try:
-        load(name="flora_native", sources=sources, extra_cflags=_CFLAGS, build_directory=str(build_dir), is_python_module=False)
+        load(name="flora_native", sources=sources, extra_cflags=_CFLAGS + _vector_flags(), extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False)
     except (RuntimeError, OSError) as e:
         raise NativeBuildError(
             f"could not build the engine's C++ kernels ({', '.join(Path(s).name for s in sources)}): {e}. "

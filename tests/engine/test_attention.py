@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine.attention import AttentionBatch, SequenceChunk, paged_attention
+from services.engine.attention import AttentionBatch, PaddedChunks, SequenceChunk, pad_chunks, padded_sdpa, paged_attention
 
 BLOCK = 4
 
@@ -61,3 +61,39 @@ def test_ragged_step_matches_dense(heads, kv_heads):
 def test_block_table_too_short():
     with pytest.raises(ValueError, match="1 blocks of 4 cannot hold 6 positions"):
         AttentionBatch.build([SequenceChunk(2, 4, (0,))], BLOCK)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (16, 1, 128), (4, 4, 24)])
+def test_decode_kernel_equals_the_padded_sdpa_path(dtype, tol, heads, kv_heads, head_dim):
+    """Decode rows (one new token each) go through the C++ kernel; the padded SDPA path, run on the
+    same rows, is its reference. Context lengths 1..70 cross the kernel's vector widths."""
+    gen = torch.Generator().manual_seed(heads + head_dim)
+    lengths = [1, 2, 17, 70, 33, 16]
+    perm = torch.randperm(64, generator=gen).tolist()
+    chunks = [SequenceChunk(n - 1, 1, tuple(perm.pop() for _ in range(-(-n // BLOCK)))) for n in lengths]
+    batch = AttentionBatch.build(chunks, BLOCK)
+    assert batch.prefill is None and batch.decode.lengths.tolist() == lengths
+    k_cache = torch.randn(64 * BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(64 * BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(len(lengths), heads, head_dim, generator=gen).to(dtype)
+    k, v = (torch.randn(len(lengths), kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+    out = paged_attention(q, k, v, k_cache, v_cache, batch, scale=head_dim**-0.5)
+    reference = padded_sdpa(q, k_cache, v_cache, _padded_chunks_of(chunks, batch), head_dim**-0.5)
+    assert (out.float() - reference.float()).abs().max() <= tol
+
+
+def _padded_chunks_of(chunks: list[SequenceChunk], batch: AttentionBatch) -> PaddedChunks:
+    """The same sequences as one padded SDPA problem (what the engine did before the kernel)."""
+    cached = torch.tensor([c.num_cached for c in chunks])
+    new = torch.tensor([c.num_new for c in chunks])
+    first_row = new.cumsum(0) - new
+    kv_index = torch.zeros(len(chunks), int((cached + new).max()), dtype=torch.long)
+    kv_index[:, : batch.decode.kv_index.shape[1]] = batch.decode.kv_index
+    return pad_chunks(cached, new, first_row, kv_index, "cpu")
+
+
+def test_a_prefill_only_step_has_no_decode_part():
+    batch = AttentionBatch.build([SequenceChunk(0, 3, (0,)), SequenceChunk(4, 2, (1, 2))], BLOCK)
+    assert batch.decode is None and batch.prefill.rows.tolist() == [0, 1, 2, 3, 4]
+    assert batch.slot_mapping.tolist() == [0, 1, 2, 8, 9] and batch.positions.tolist() == [0, 1, 2, 4, 5]

@@ -33,10 +33,11 @@ def test_choices_are_valid_for_kind(measured):
 
 def test_prefill_of_few_adapters_prefers_segment_paths(measured):
     """Eight 256-token prompts: merging W0 ∘ (BA)ᵀ once per adapter beats 8 rank terms per row;
-    one GEMM pair per adapter beats gathering 2048 copies of A and B."""
+    for LoRA, a path that reads A and B in place (one GEMM pair per adapter, or the BGMV kernel:
+    measured 11 ms and 8 ms here) beats gathering 2048 copies of them (bmm: 159 ms)."""
     few = GroupShape(AdapterKind.FLORA, 2048, 8, 8, 2048, 2304)
     assert measured.choose(few) is KernelPath.FLORA_SEGMENT
-    assert measured.choose(GroupShape(AdapterKind.LORA, 2048, 8, 8, 2048, 2304)) is KernelPath.LORA_SEGMENT
+    assert measured.choose(GroupShape(AdapterKind.LORA, 2048, 8, 8, 2048, 2304)) in (KernelPath.LORA_SEGMENT, KernelPath.LORA_BGMV)
 
 
 def test_decode_with_distinct_adapters_avoids_merging(measured):

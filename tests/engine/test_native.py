@@ -137,3 +137,23 @@ def test_lora_bgmv_refuses_bad_input_clearly():
         op(y, x.double(), a, b, torch.tensor([0, 1, 1]))
     with pytest.raises(RuntimeError, match="slots must be contiguous int64"):
         op(y, x, a, b, torch.tensor([0, 1, 1], dtype=torch.int32))
+
+
+def test_decode_attention_refuses_bad_input_clearly():
+    op = native.ops().paged_decode_attention_
+    q, out = torch.zeros(2, 4, 8), torch.zeros(2, 4, 8)
+    cache = torch.zeros(16, 2, 8)
+    rows, kv, lengths = torch.tensor([0, 1]), torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 1])
+    op(out, q, cache, cache, rows, kv, lengths, 1.0)  # valid
+    with pytest.raises(RuntimeError, match=r"rows\[1\] = 2 is not a row of q"):
+        op(out, q, cache, cache, torch.tensor([0, 2]), kv, lengths, 1.0)
+    with pytest.raises(RuntimeError, match=r"lengths\[1\] = 0 is not in \[1, 3\]"):
+        op(out, q, cache, cache, rows, kv, torch.tensor([3, 0]), 1.0)
+    with pytest.raises(RuntimeError, match="kv_index row 0 points outside the cache's 16 slots"):
+        op(out, q, cache, cache, rows, torch.tensor([[0, 16, 0], [0, 0, 0]]), lengths, 1.0)
+    with pytest.raises(RuntimeError, match="heads must be a multiple of kv heads"):
+        op(out, q, torch.zeros(16, 3, 8), torch.zeros(16, 3, 8), rows, kv, lengths, 1.0)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        op(out, q, cache.double(), cache.double(), rows, kv, lengths, 1.0)
+    with pytest.raises(RuntimeError, match="must be contiguous int64"):
+        op(out, q, cache, cache, rows.int(), kv, lengths, 1.0)

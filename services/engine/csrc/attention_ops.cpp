@@ -1,0 +1,161 @@
+// Decode attention over the paged KV cache, reading keys and values where they lie.
+//
+// For a decode row (one new token whose K/V are already written to the cache) at
+// context length L with cache slots kv_index[i, 0..L):
+//
+//     out[row, h] = softmax_p(q[row, h] . K[slot_p, h / group] * scale) @ V[slot_p, h / group]
+//
+// The padded SDPA path (attention.py) first gathers every sequence's K/V into a
+// [B, kvH, Cmax, D] copy and then reads it again; for one query per sequence that
+// copy is most of the work. Here each (row, kv head) task streams its slots once and
+// serves the `group` query heads that share that kv head (GQA/MQA). Softmax and sums
+// in fp32 for fp32/bf16 (at::opmath_type), fp64 for fp64.
+// Reference: attention.py's padded SDPA path; the tests compare both with dense attention.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// s[0..len) <- softmax(s), in place; exp vectorized (Sleef, as torch's own softmax).
+template <typename Acc>
+void softmax_(Acc* s, int64_t len) {
+  using Vec = at::vec::Vectorized<Acc>;
+  const Acc top = *std::max_element(s, s + len);
+  at::vec::map([top](Vec x) { return (x - Vec(top)).exp(); }, s, s, len);
+  const Acc total = at::vec::reduce_all([](Vec a, Vec b) { return a + b; }, s, len);
+  at::vec::map([total](Vec x) { return x / Vec(total); }, s, s, len);
+}
+
+// Explicit at::vec code: the compiler's own vectorization of these short (head_dim) loops
+// ended every dot product in a scalar reduction chain and kept the output in memory.
+template <typename Acc>
+using Vec = at::vec::Vectorized<Acc>;
+
+template <typename Acc>
+Acc dot(const Acc* a, const Acc* b, int64_t n) {
+  Vec<Acc> sum(0);
+  int64_t d = 0;
+  for (; d + Vec<Acc>::size() <= n; d += Vec<Acc>::size()) sum = at::vec::fmadd(Vec<Acc>::loadu(a + d), Vec<Acc>::loadu(b + d), sum);
+  if (d < n) sum = at::vec::fmadd(Vec<Acc>::loadu(a + d, n - d), Vec<Acc>::loadu(b + d, n - d), sum);  // tail, zero-padded
+  return at::vec::vec_reduce_all([](Vec<Acc> x, Vec<Acc> y) { return x + y; }, sum);
+}
+
+// out[0..n) = sum_p w[p] * rows[p][0..n), p < len; up to 4 vectors of columns per pass, in registers.
+template <typename Acc>
+void weighted_sum(Acc* out, const Acc* w, const Acc* const* rows, int64_t len, int64_t n) {
+  constexpr int64_t kLanes = Vec<Acc>::size();
+  for (int64_t d0 = 0; d0 < n; d0 += 4 * kLanes) {
+    Vec<Acc> acc[4] = {Vec<Acc>(0), Vec<Acc>(0), Vec<Acc>(0), Vec<Acc>(0)};
+    const int64_t width = std::min<int64_t>(4 * kLanes, n - d0);
+    const int64_t vectors = (width + kLanes - 1) / kLanes;
+    for (int64_t p = 0; p < len; ++p) {
+      const Vec<Acc> wp(w[p]);
+      for (int64_t v = 0; v < vectors; ++v) {
+        const int64_t d = d0 + v * kLanes, count = std::min<int64_t>(kLanes, n - d);
+        acc[v] = at::vec::fmadd(wp, Vec<Acc>::loadu(rows[p] + d, count), acc[v]);
+      }
+    }
+    for (int64_t v = 0; v < vectors; ++v) {
+      const int64_t d = d0 + v * kLanes;
+      acc[v].store(out + d, std::min<int64_t>(kLanes, n - d));
+    }
+  }
+}
+
+template <typename T>
+void decode_rows(T* out, const T* q, const T* k_cache, const T* v_cache, const int64_t* rows, const int64_t* kv_index,
+                 const int64_t* lengths, int64_t num_rows, int64_t max_len, int64_t heads, int64_t kv_heads, int64_t dim,
+                 double scale) {
+  using Acc = at::opmath_type<T>;
+  constexpr bool kConvert = !std::is_same_v<T, Acc>;  // bf16 storage: rows are widened into buffers first
+  const int64_t group = heads / kv_heads;
+  const int64_t row_stride = heads * dim, slot_stride = kv_heads * dim;
+  // One task per (row, kv head); a few per thread at decode sizes.
+  at::parallel_for(0, num_rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> scores(group * max_len), qs(group * dim), os(group * dim), widened(kConvert ? 2 * max_len * dim : 0);
+    std::vector<const Acc*> keys(max_len), values(max_len);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / kv_heads, g = task % kv_heads, len = lengths[i];
+      const int64_t* slots = kv_index + i * max_len;
+      const T* qg = q + rows[i] * row_stride + g * group * dim;  // the group's query heads, [group, dim]
+      for (int64_t e = 0; e < group * dim; ++e) qs[e] = static_cast<Acc>(qg[e]);
+      for (int64_t p = 0; p < len; ++p) {  // this kv head's key and value rows, where they lie
+        const T* k = k_cache + slots[p] * slot_stride + g * dim;
+        const T* v = v_cache + slots[p] * slot_stride + g * dim;
+        if constexpr (kConvert) {
+          Acc* wk = widened.data() + 2 * p * dim;
+          for (int64_t d = 0; d < dim; ++d) wk[d] = static_cast<Acc>(k[d]), wk[dim + d] = static_cast<Acc>(v[d]);
+          keys[p] = wk, values[p] = wk + dim;
+        } else {
+          keys[p] = k, values[p] = v;
+        }
+      }
+      for (int64_t j = 0; j < group; ++j) {
+        Acc* s = scores.data() + j * max_len;
+        for (int64_t p = 0; p < len; ++p) s[p] = dot(qs.data() + j * dim, keys[p], dim) * static_cast<Acc>(scale);
+        softmax_(s, len);
+        weighted_sum(os.data() + j * dim, s, values.data(), len, dim);
+      }
+      T* og = out + rows[i] * row_stride + g * group * dim;
+      for (int64_t e = 0; e < group * dim; ++e) og[e] = static_cast<T>(os[e]);
+    }
+  });
+}
+
+// out [T, H, D]: rows `rows` [N] written; q [T, H, D]; k_cache/v_cache [slots, kvH, D];
+// kv_index [N, Cmax] cache slot of each context position; lengths [N] context length (>= 1).
+void paged_decode_attention_(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& rows, const at::Tensor& kv_index, const at::Tensor& lengths, double scale) {
+  TORCH_CHECK(out.dim() == 3 && q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3,
+              "expected out/q [T, H, D] and k_cache/v_cache [slots, kvH, D]");
+  TORCH_CHECK(out.sizes() == q.sizes(), "out ", out.sizes(), " and q ", q.sizes(), " differ");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache ", k_cache.sizes(), " and v_cache ", v_cache.sizes(), " differ");
+  const int64_t heads = q.size(1), dim = q.size(2), kv_heads = k_cache.size(1), num_slots = k_cache.size(0);
+  TORCH_CHECK(k_cache.size(2) == dim && kv_heads > 0 && heads % kv_heads == 0, "q ", q.sizes(), " does not fit the cache ",
+              k_cache.sizes(), " (heads must be a multiple of kv heads)");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && k_cache.scalar_type() == q.scalar_type() &&
+                  v_cache.scalar_type() == q.scalar_type(), "out, q and the caches must share one dtype");
+  TORCH_CHECK(out.is_contiguous() && q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "out, q and the caches must be contiguous");
+  TORCH_CHECK(rows.dim() == 1 && kv_index.dim() == 2 && lengths.dim() == 1 && kv_index.size(0) == rows.size(0) &&
+                  lengths.size(0) == rows.size(0), "expected rows [N], kv_index [N, Cmax], lengths [N]");
+  for (const at::Tensor* t : {&rows, &kv_index, &lengths}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->device().is_cpu(), "rows, kv_index and lengths must be contiguous int64");
+  }
+  TORCH_CHECK(out.device().is_cpu() && q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "paged_decode_attention_ runs on the CPU");
+  const int64_t num_rows = rows.size(0), max_len = kv_index.size(1);
+  if (num_rows == 0) return;
+  const int64_t* r = rows.const_data_ptr<int64_t>();
+  const int64_t* len = lengths.const_data_ptr<int64_t>();
+  const int64_t* kv = kv_index.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < num_rows; ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < q.size(0), "rows[", i, "] = ", r[i], " is not a row of q (", q.size(0), " rows)");
+    TORCH_CHECK(len[i] >= 1 && len[i] <= max_len, "lengths[", i, "] = ", len[i], " is not in [1, ", max_len, "]");
+    const auto [lo, hi] = std::minmax_element(kv + i * max_len, kv + i * max_len + len[i]);
+    TORCH_CHECK(*lo >= 0 && *hi < num_slots, "kv_index row ", i, " points outside the cache's ", num_slots, " slots");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_decode_attention_", [&] {
+    decode_rows<scalar_t>(out.mutable_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
+                          v_cache.const_data_ptr<scalar_t>(), r, kv, len, num_rows, max_len, heads, kv_heads, dim, scale);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(flora, m) {
+  m.def("paged_decode_attention_(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor kv_index, "
+        "Tensor lengths, float scale) -> ()",
+        &paged_decode_attention_);
+}
