@@ -94,6 +94,7 @@ class Int8Weight:
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
         self.qweight = qweight  # [d_out, d_in] int8, rows contiguous
+        self._qweight_t = qweight.T  # [d_in, d_out] view: _int_mm's B operand, made once
         self.scale = scale  # [d_out] fp32
         self.d_out, self.d_in = qweight.shape
         self.dtype, self.device = torch.float32, qweight.device  # activations and outputs are fp32
@@ -112,7 +113,7 @@ class Int8Weight:
 
     def mm_into(self, out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         xq, x_scale = self._quantize_rows(x)
-        self._dequantize_into(out, torch._int_mm(xq, self.qweight.T), x_scale, self.scale, bias)
+        self._dequantize_into(out, torch._int_mm(xq, self._qweight_t), x_scale, self.scale, bias)
 
     def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.d_out, dtype=x.dtype, device=x.device)

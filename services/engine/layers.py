@@ -28,7 +28,8 @@ def multi_adapter_linear(
         return weight.mm(x, bias)
     xs = x if batch.order is None else x.index_select(0, batch.order)  # rows grouped by adapter
     y = torch.empty(x.shape[0], weight.d_out, dtype=x.dtype, device=x.device)
-    weight.mm_into(y[: batch.num_base_rows], _base_input(xs, slots, batch), bias)
+    if batch.num_base_rows:  # 0 when every row is FLoRA's
+        weight.mm_into(y[: batch.num_base_rows], _base_input(xs, slots, batch), bias)
     apply_adapters(xs, y, weight, bias, slots, batch)
     return y if batch.restore is None else y.index_select(0, batch.restore)
 

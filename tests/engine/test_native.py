@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from services.engine import native
 from services.engine.adapter_format import AdapterKind
 from services.engine.base_weights import dequantize, quantize_rows
+from services.engine.models import rms_norm_reference
+from services.engine.models.llama import apply_rope
 from services.engine.reference import reference_linear
 from tests.engine.helpers import random_adapter, rel_err
 
@@ -157,3 +160,60 @@ def test_decode_attention_refuses_bad_input_clearly():
         op(out, q, cache.double(), cache.double(), rows, kv, lengths, 1.0)
     with pytest.raises(RuntimeError, match="must be contiguous int64"):
         op(out, q, cache, cache, rows.int(), kv, lengths, 1.0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-6), (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize("rows,width", [(1, 8), (32, 576), (300, 2048)])
+def test_rms_norm_equals_hugging_faces_form(dtype, tol, rows, width, threads):
+    """fp32 math whatever the dtype, like HF; equal up to the order of the sum of squares (bf16: one ulp)."""
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, width, generator=gen) * 4).to(dtype)
+    weight = torch.randn(width, generator=gen).to(dtype)
+    y = native.ops().rms_norm(x, weight, 1e-5)
+    assert y.dtype == dtype and rel_err(y.double(), rms_norm_reference(x, weight, 1e-5).double()) <= tol
+
+
+def test_rms_norm_refuses_bad_input_clearly():
+    op = native.ops().rms_norm
+    with pytest.raises(RuntimeError, match="x must be 2-D rows"):
+        op(torch.ones(2, 3, 4), torch.ones(4), 1e-5)
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous \[4\]"):
+        op(torch.ones(2, 4), torch.ones(5), 1e-5)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        op(torch.ones(2, 4), torch.ones(4, dtype=torch.float64), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,heads,dim", [(1, 1, 2), (32, 9, 64), (7, 3, 24), (300, 16, 128)])
+def test_rope_is_bitwise_the_torch_form(dtype, rows, heads, dim, threads):
+    gen = torch.Generator().manual_seed(rows + heads)
+    fused = torch.randn(rows, heads * dim + 10, generator=gen).to(dtype)  # x is a column block of it, like q of q|k|v
+    x = fused[:, 5 : 5 + heads * dim]
+    angles = torch.rand(rows, dim // 2, generator=gen) * 100
+    cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
+    out = native.ops().rope(x, cos, sin, heads)
+    assert out.shape == (rows, heads, dim) and torch.equal(out, apply_rope(x.unflatten(1, (heads, dim)), cos[:, None], sin[:, None]))
+
+
+@pytest.mark.parametrize("rows,width", [(1, 5), (32, 1536), (9, 100), (200, 3000)])
+def test_silu_mul_is_bitwise_torchs_silu_then_mul(rows, width, threads):
+    """Widths that end on a full pair of vectors and ones that leave a scalar remainder."""
+    gen = torch.Generator().manual_seed(width)
+    gate_up = torch.randn(rows, 2 * width, generator=gen) * 6
+    gate, up = gate_up[:, :width], gate_up[:, width:]
+    assert torch.equal(native.ops().silu_mul(gate, up), F.silu(gate) * up)
+    bf_gate, bf_up = gate.bfloat16(), up.bfloat16()
+    assert rel_err(native.ops().silu_mul(bf_gate, bf_up).double(), (F.silu(bf_gate) * bf_up).double()) <= 8e-3
+
+
+def test_rope_and_silu_mul_refuse_bad_input_clearly():
+    ops = native.ops()
+    cos = torch.ones(2, 8)
+    with pytest.raises(RuntimeError, match="is not 3 heads of the rotary width 8"):
+        ops.rope(torch.ones(2, 16), cos, cos, 3)
+    with pytest.raises(RuntimeError, match="cos and sin must be contiguous"):
+        ops.rope(torch.ones(2, 16), cos, torch.ones(2, 6), 2)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        ops.rope(torch.ones(2, 16), cos.double(), cos.double(), 2)
+    with pytest.raises(RuntimeError, match="of one shape"):
+        ops.silu_mul(torch.ones(2, 4), torch.ones(2, 5))

@@ -16,13 +16,14 @@ table built once, gathered by position once per forward (not per layer).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from services.engine import native
 from services.engine.adapter_slots import SlotLayout
 from services.engine.attention import paged_attention
 from services.engine.context import get_attention_batch
@@ -155,7 +156,8 @@ class LlamaConfig:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D], cos/sin [T, 1, D] -> x·cos + rotate_half(x)·sin"""
+    """x [T, heads, D], cos/sin [T, 1, D] -> x·cos + rotate_half(x)·sin. HF's form, op for op: the
+    reference for the fused kernel the model runs (csrc/rope_ops.cpp, bitwise equal)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -175,10 +177,10 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, d], cos/sin [T, 1, D] -> [T, d]"""
+        """x [T, d], cos/sin [T, D] -> [T, d]"""
         q, k, v = self.qkv(x)  # [T, H·D], [T, kvH·D], [T, kvH·D]
-        q = apply_rope(q.unflatten(1, (self.n_head, self.head_dim)), cos, sin)  # [T, H, D]
-        k = apply_rope(k.unflatten(1, (self.kv_heads, self.head_dim)), cos, sin)  # [T, kvH, D]
+        q = native.ops().rope.default(q, cos, sin, self.n_head)  # [T, H, D]   (= apply_rope)
+        k = native.ops().rope.default(k, cos, sin, self.kv_heads)  # [T, kvH, D]
         v = v.unflatten(1, (self.kv_heads, self.head_dim))  # [T, kvH, D]
         y = paged_attention(q, k, v, require_cache(self.k_cache), self.v_cache, get_attention_batch(), self.scale)  # [T, H, D]
         return self.o_proj(y.flatten(1))
@@ -191,12 +193,21 @@ class MLP(nn.Module):
         self.up_proj = spec.linear("mlp.up_proj", c.hidden_size, c.intermediate_size, c.mlp_bias)
         self.down_proj = spec.linear("mlp.down_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
         self.gate_up = Projections(self.gate_proj, self.up_proj)
-        self.act = ACTIVATIONS[c.hidden_act]
+        self.act_mul = _silu_mul if c.hidden_act in ("silu", "swish") else _act_mul(ACTIVATIONS[c.hidden_act])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] -> [T, d]"""
         gate, up = self.gate_up(x)  # [T, d_ff] each
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act_mul(gate, up))  # act(gate) * up
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in one pass (csrc/activation_ops.cpp; bitwise F.silu(gate) * up in fp32)."""
+    return native.ops().silu_mul.default(gate, up)
+
+
+def _act_mul(act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return lambda gate, up: act(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -247,7 +258,7 @@ class LlamaForCausalLM(CausalLMBase):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids [T], positions [T] -> hidden [T, d] (after the final norm)."""
         m = self.model
-        cos, sin = m.rope_cos[positions].unsqueeze(1), m.rope_sin[positions].unsqueeze(1)  # [T, 1, D]
+        cos, sin = m.rope_cos[positions], m.rope_sin[positions]  # [T, D]
         x = m.embed_tokens(input_ids)  # [T, d]
         for layer in m.layers:
             x = layer(x, cos, sin)

@@ -102,15 +102,16 @@ def teacher_forced_argmax(model: CausalLM, sequences: list[list[int]]) -> list[t
 
 
 def test_int8_weights_predict_what_fp32_predicts(smollm2_dir, tokenizer):
-    """int8 weights (w8a8) change the numbers a little: on the fp32 model's own greedy text the
-    int8 model's next-token choice agrees at most positions (measured 89%, 96%, 89% on these
-    prompts; per-channel int8 weights alone give 98%, 97%, 94%), and its own answer is still right."""
+    """int8 weights (w8a8) change the numbers a little: on the fp32 model's own greedy text (96 new
+    tokens: enough positions that one near-tie flipping by an ulp of the fp32 norm does not decide
+    the test) the int8 model's next-token choice agrees at most positions (measured 93%, 94%, 87%),
+    and its own answer is still right."""
     prompts = [chat_prompt(tokenizer, p) for p in PROMPTS]
     dense = load_model(smollm2_dir, (), SlotLayout(()))
     int8 = load_model(smollm2_dir, (), SlotLayout(()), quantization=Quantization.INT8)
     eos = tokenizer.eos_token_id
     with torch.inference_mode():
-        texts = [p + out for p, out in zip(prompts, greedy(dense, prompts, NEW_TOKENS, eos))]
+        texts = [p + out for p, out in zip(prompts, greedy(dense, prompts, 3 * NEW_TOKENS, eos))]
         agree = [(a == b).float().mean().item() for a, b in zip(teacher_forced_argmax(dense, texts), teacher_forced_argmax(int8, texts))]
         answer = tokenizer.decode(greedy(int8, prompts[:1], NEW_TOKENS, eos)[0])
     print(f"int8 vs fp32 top-1 agreement per prompt: {agree}")
