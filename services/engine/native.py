@@ -1,11 +1,11 @@
 """The engine's compiled CPU kernels (csrc/*.cpp), built once per machine on first use.
 
 torch.utils.cpp_extension compiles them with the machine's g++ and ninja (both installed
-by scripts/install-system-deps.sh) into <cache>/torch_extensions/ (~10 s, once; later
+by scripts/install-system-deps.sh) into <cache>/torch_extensions/ (~20 s, once; later
 processes load the built library in milliseconds, and an edited source is rebuilt). The
-ops register with torch's dispatcher, so they run on torch's own thread pool.
-
-Each kernel has a plain-torch reference that the tests hold it to (named in its docstring).
+ops register with torch's dispatcher as torch.ops.flora.*, and split work on torch's own
+OpenMP pool. Each kernel has a plain-torch reference that the tests hold it to (named at
+the top of its source file; docs/engine.md has the table).
 """
 
 from __future__ import annotations
@@ -34,15 +34,17 @@ def _vector_flags() -> list[str]:
 
 
 class NativeBuildError(RuntimeError):
-    pass
+    """The kernels could not be compiled (no compiler or ninja, or a build error)."""
 
 
 @functools.cache
 def ops() -> torch._ops._OpNamespace:
     """torch.ops.flora: every kernel of csrc/, built into one library on first use.
 
-    quantize_rows, dequantize_into   csrc/int8_ops.cpp   references: base_weights.quantize_rows, .dequantize
-    lora_bgmv_                       csrc/lora_ops.cpp   reference: reference.reference_row
+    quantize_rows, dequantize_into   int8_ops.cpp        the int8 GEMM's input and epilogue
+    lora_bgmv_                       lora_ops.cpp        LoRA rows, each reading its own adapter
+    paged_decode_attention_          attention_ops.cpp   decode rows over the paged KV cache
+    rms_norm, rope, silu_mul         norm_ops.cpp, rope_ops.cpp, activation_ops.cpp
     """
     from torch.utils.cpp_extension import load
 
@@ -50,7 +52,14 @@ def ops() -> torch._ops._OpNamespace:
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = sorted(str(p) for p in _CSRC.glob("*.cpp"))
     try:
-        load(name="flora_native", sources=sources, extra_cflags=_CFLAGS + _vector_flags(), extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False)
+        load(
+            name="flora_native",
+            sources=sources,
+            extra_cflags=_CFLAGS + _vector_flags(),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+        )
     except (RuntimeError, OSError) as e:
         raise NativeBuildError(
             f"could not build the engine's C++ kernels ({', '.join(Path(s).name for s in sources)}): {e}. "

@@ -1,8 +1,12 @@
-"""The compiled kernels (services/engine/csrc/) against their plain-torch references: bitwise for
-the int8 glue (same arithmetic, same order), within fp32 rounding for the LoRA kernel; strided
-outputs, both thread counts, and clear errors for bad input."""
+"""The compiled kernels (services/engine/csrc/) against their plain-torch references: bitwise where
+the arithmetic is the same (int8 glue, RoPE, SiLU·up), within rounding where the order of a sum
+differs (LoRA, decode attention, RMSNorm); strided inputs, 1 and 2 threads, clear errors."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from services.engine.models.llama import apply_rope
 from services.engine.reference import reference_linear
 from tests.engine.helpers import random_adapter, rel_err
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 QUANT_SHAPES = [(1, 1), (1, 576), (3, 5), (32, 576), (7, 1536), (400, 1536)]  # (rows, width); the last splits across threads
 
 
@@ -217,3 +222,11 @@ def test_rope_and_silu_mul_refuse_bad_input_clearly():
         ops.rope(torch.ones(2, 16), cos.double(), cos.double(), 2)
     with pytest.raises(RuntimeError, match="of one shape"):
         ops.silu_mul(torch.ones(2, 4), torch.ones(2, 5))
+
+
+def test_a_machine_without_the_build_tools_gets_a_clear_error(tmp_path):
+    """No ninja or g++ on PATH (and nothing built yet): the first use says what to install."""
+    code = "from services.engine import native\ntry:\n    native.ops()\nexcept native.NativeBuildError as e:\n    print(e)\n"
+    env = {"PATH": str(tmp_path), "FLORA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert "could not build the engine's C++ kernels" in done.stdout and "apt-get install g++ ninja-build" in done.stdout, done.stderr

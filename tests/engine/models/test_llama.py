@@ -30,11 +30,13 @@ PLAN = ({0: 1, 1: 1, 2: 1, 3: 1}, {1: 3, 3: 1}, {0: 1, 1: 1, 2: 2, 3: 1}, {0: 5,
 VARIANTS = {
     # untied head, plain RoPE, no biases: SmolLM2's shape of model (which ties the head)
     "plain-rope": dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-    # tied head, Llama-3.1 RoPE scaling, biases everywhere
+    # tied head, Llama-3.1 RoPE scaling, biases everywhere, a gated GELU instead of SiLU (the MLP's
+    # generic act(gate) * up path rather than the fused silu_mul kernel)
     "llama3-rope": dict(
         tie_word_embeddings=True,
         attention_bias=True,
         mlp_bias=True,
+        hidden_act="gelu_pytorch_tanh",
         rope_parameters={
             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 4.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
