@@ -20,6 +20,7 @@ from services.env import cache_root
 _CSRC = Path(__file__).parent / "csrc"
 # -march=native: the library is built on, and cached for, the machine that runs it.
 # -ffp-contract=off: no implicit fused multiply-adds, so the int8 glue is bitwise torch's (the oracles').
+# -mprefer-vector-width=512: let the auto-vectorized loops use the full AVX512 width where there is one.
 # -fopenmp: at::parallel_for is a header template that only splits work when compiled with OpenMP;
 #   the library then binds to the libgomp.so.1 that torch has already loaded (same soname): one pool.
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fopenmp"]
