@@ -1,7 +1,7 @@
 """The engine's compiled CPU kernels (csrc/*.cpp), built once per machine on first use.
 
 torch.utils.cpp_extension compiles them with the machine's g++ and ninja (both installed
-by scripts/install-system-deps.sh) into <cache>/torch_extensions/ (~20 s, once; later
+by scripts/install-system-deps.sh) into <cache>/torch_extensions/ (~50 s on 2 cores, once; later
 processes load the built library in milliseconds, and an edited source is rebuilt). The
 ops register with torch's dispatcher as torch.ops.flora.*, and split work on torch's own
 OpenMP pool. Each kernel has a plain-torch reference that the tests hold it to (named at
