@@ -84,6 +84,15 @@ def test_quantizing_a_layer_frees_its_dense_weight_and_only_once():
         layer.quantize(Quantization.INT8)
 
 
+def test_int8_rows_are_contiguous_whatever_the_dense_layout():
+    """The model lays dense weights out as their transpose (BuildSpec.linear); int8 re-stores them
+    row-major, the layout _int_mm reads fastest (measured 1.45x single-stream decode)."""
+    w = torch.randn(6, 16).T.contiguous().T  # [d_out, d_in] with stride (1, d_out), like the model's
+    weight = Int8Weight.quantize(w)
+    assert weight.qweight.is_contiguous() and weight.rows(2, 5).qweight.is_contiguous()
+    assert torch.equal(weight.qweight, Int8Weight.quantize(w.contiguous()).qweight)
+
+
 def test_int8_rejects_what_it_cannot_quantize():
     with pytest.raises(TypeError, match="float"):
         Int8Weight.quantize(torch.ones(4, 4, dtype=torch.int32))
