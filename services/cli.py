@@ -25,7 +25,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quantization", choices=("none", "int8"), default="none", help="int8: int8 weights and activations, 1.6x the batched throughput on a VNNI CPU (not for a single stream), not bit-exact (docs/engine.md)")
+    p.add_argument("--quantization", choices=("none", "int8"), default="none", help="int8: int8 weights and activations, faster on a CPU with AVX512-VNNI, not bit-exact (measurements: docs/engine.md)")
 
 
 def main(argv: list[str] | None = None) -> int:

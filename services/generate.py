@@ -30,15 +30,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"flora-gateway generate: {e}", file=sys.stderr)
         return 2
     model_dir = materialize_smollm2() if args.model == "smollm2" else Path(args.model)
-    adapter = None
-    quantization = Quantization(args.quantization)
-    config = EngineConfig(adapter_modules=(), pools=(), threads=args.threads, kv_cache_bytes=64 << 20, quantization=quantization)
+    adapter, modules, pools = None, (), ()
     if args.adapter is not None:
         spec, weights = load_layer_adapters(args.adapter)
         adapter = Adapter(args.adapter.stem, spec, weights)
         modules = tuple(dict.fromkeys(module_type(m) for m in spec.targets))
         pools = (SlotPool(spec.kind, spec.rank, 1),)
-        config = EngineConfig(adapter_modules=modules, pools=pools, threads=args.threads, kv_cache_bytes=64 << 20, quantization=quantization)
+    config = EngineConfig(
+        adapter_modules=modules, pools=pools, threads=args.threads, kv_cache_bytes=64 << 20, quantization=Quantization(args.quantization)
+    )
     engine = LLMEngine.from_model_dir(model_dir, config)
     if adapter is not None:
         engine.add_adapter(adapter)
