@@ -41,6 +41,9 @@ from services.engine.scheduler import SchedulerConfig
 TOPICS = ["a dragon", "the sea", "a robot", "a lost key", "winter", "a city", "a friendship", "a storm"]
 QK = ("self_attn.q_proj", "self_attn.k_proj")
 QKVO = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+# LoRA slot storage per weight format: int8 is the CPU serving format, its LoRA slots bf16
+# (EngineConfig.lora_dtype: half the adapter bytes per step); fp32 is exact throughout.
+LORA_DTYPE = {Quantization.NONE: "auto", Quantization.INT8: "bfloat16"}
 # Peers on this 2-core machine (from the issue), tokens/s: no adapters / two rank-8 LoRA mixed.
 PEERS = {"vLLM-CPU 0.32": (455, 212), "llama.cpp server": (430, 290)}
 
@@ -69,7 +72,7 @@ def prompts(n: int) -> list[str]:
 def build_engine(model_dir: Path, scenario: Scenario, requests: int, threads: int, quantization: Quantization) -> LLMEngine:
     pools = () if scenario.kind is None else (SlotPool(scenario.kind, scenario.rank, max(1, scenario.num_adapters)),)
     config = EngineConfig(
-        adapter_modules=scenario.adapter_modules, pools=pools, threads=threads, quantization=quantization,
+        adapter_modules=scenario.adapter_modules, pools=pools, threads=threads, quantization=quantization, lora_dtype=LORA_DTYPE[quantization],
         scheduler=SchedulerConfig(max_num_seqs=requests), kv_cache_bytes=256 << 20,
     )
     engine = LLMEngine.from_model_dir(model_dir, config)
@@ -126,7 +129,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Engine throughput — {report['machine']}", "", f"Command: `{report['command']}`", ""]
     lines += [f"SmolLM2-135M-Instruct, {report['requests']} concurrent requests × {report['new_tokens']} new tokens (ignore_eos), greedy, "
               f"{report['threads']} torch thread(s). Weights fp32 (exact) or int8 (int8 weights and per-row int8 activations, "
-              "see docs/engine.md); activations, KV cache and adapters fp32 in both.", ""]
+              "see docs/engine.md); activations and KV cache fp32 in both; LoRA slots fp32 with fp32 weights, bf16 with int8 "
+              "(sums in fp32); FLoRA vectors fp32.", ""]
     lines += [f"Medians over {report['rounds']} round-robin rounds.", ""]
     lines += ["| weights | scenario | tokens/s | × no adapters (same weights, same round) |", "|---|---|---|---|"]
     lines += [f"| {r['weights']} | {r['scenario']} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f} |" for r in report["results"]]

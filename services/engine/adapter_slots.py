@@ -44,6 +44,9 @@ class SlotLayout:
     """Which pools exist; maps global slot ids to (pool, local slot)."""
 
     pools: tuple[SlotPool, ...]
+    # LoRA pools' storage dtype, None: the layer's own. bf16 under fp32 layers halves the bytes a
+    # decode step streams when every row reads its own adapter (EngineConfig.lora_dtype).
+    lora_dtype: torch.dtype | None = None
 
     @cached_property
     def offsets(self) -> tuple[int, ...]:
@@ -105,7 +108,8 @@ class LoraPool:
         _check_shape("lora_B", w.b, (self.b.shape[2], w.rank))
         self.clear(local)
         self.a[local, : w.rank].copy_(w.a)
-        self.b[local, : w.rank].copy_(w.scale * w.b.T.to(self.b.dtype))
+        b = w.b.T.to(torch.promote_types(w.b.dtype, torch.float32))  # scaled in >= fp32, rounded into the slot once
+        self.b[local, : w.rank].copy_(w.scale * b)
 
     def clear(self, local: int) -> None:
         self.a[local].zero_()
@@ -141,7 +145,7 @@ class LayerSlots:
         self.layout = layout
         self.d_in, self.d_out = d_in, d_out
         self.pools: list[PoolStorage] = [
-            _STORAGE[pool.kind](pool, d_in, d_out, dtype, torch.device(device)) for pool in layout.pools
+            _STORAGE[pool.kind](pool, d_in, d_out, _storage_dtype(layout, pool, dtype), torch.device(device)) for pool in layout.pools
         ]
 
     def load(self, slot: int, weights: LayerAdapter) -> None:
@@ -156,6 +160,12 @@ class LayerSlots:
     def clear(self, slot: int) -> None:
         pool, local = self.layout.locate(slot)
         self.pools[pool].clear(local)
+
+
+def _storage_dtype(layout: SlotLayout, pool: SlotPool, layer_dtype: torch.dtype) -> torch.dtype:
+    if pool.kind is AdapterKind.LORA and layout.lora_dtype is not None:
+        return layout.lora_dtype
+    return layer_dtype
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:

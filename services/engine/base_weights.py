@@ -53,6 +53,13 @@ class BaseWeight(Protocol):
         """x [T, d_in] -> x @ W0ᵀ + bias [T, d_out]"""
         ...
 
+    def scaled_mm_into(
+        self, out: torch.Tensor, x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        """out[t] = out_scale[slots[t]] ∘ ((x[t] ∘ in_scale[slots[t]]) @ W0ᵀ) + bias, in place: rank-1 FLoRA.
+        in_scale [S, d_in] and out_scale [S, d_out] are pools of per-slot vectors, slots [T] int64."""
+        ...
+
     def dense(self) -> torch.Tensor:
         """W0 [d_out, d_in] as a float tensor (dequantized for int8)."""
         ...
@@ -78,6 +85,14 @@ class DenseWeight:
 
     def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight, bias)
+
+    def scaled_mm_into(
+        self, out: torch.Tensor, x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        self.mm_into(out, x * in_scale.index_select(0, slots))
+        out.mul_(out_scale.index_select(0, slots))
+        if bias is not None:
+            out.add_(bias)
 
     def dense(self) -> torch.Tensor:
         return self.weight
@@ -122,6 +137,13 @@ class Int8Weight:
         out = torch.empty(x.shape[0], self.d_out, dtype=x.dtype, device=x.device)
         self.mm_into(out, x, bias)
         return out
+
+    def scaled_mm_into(
+        self, out: torch.Tensor, x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        # The scales ride along in the quantization and the epilogue: bitwise DenseWeight's order of ops.
+        xq, x_scale = self._quantize_rows(x, in_scale, slots)
+        self._dequantize_into(out, torch._int_mm(xq, self._qweight_t), x_scale, self.scale, bias, out_scale, slots)
 
     def dense(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]

@@ -32,6 +32,9 @@ class EngineConfig:
     # How the linears store their weights: dense in `dtype` (exact), or int8 with per-row
     # int8 activations (base_weights.py; 1.75x the fp32 32-request throughput on this VNNI CPU: docs/engine.md).
     quantization: Quantization = Quantization.NONE
+    # LoRA slot storage: "auto" keeps `dtype`; "bfloat16" under float32 halves the adapter bytes a
+    # step reads (vLLM's --lora-dtype). Sums stay fp32; FLoRA and IA3 vectors are small and keep `dtype`.
+    lora_dtype: str = "auto"
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -41,6 +44,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {[q.value for q in Quantization]}, got {self.quantization!r}")
         if self.quantization is Quantization.INT8 and self.dtype != "float32":
             raise ValueError(f"int8 weights compute in float32 (their epilogue and the adapters), got dtype={self.dtype!r}")
+        if self.lora_dtype not in ("auto", self.dtype) and (self.lora_dtype, self.dtype) != ("bfloat16", "float32"):
+            raise ValueError(f"lora_dtype must be 'auto', the model dtype {self.dtype!r}, or 'bfloat16' under float32; got {self.lora_dtype!r}")
         if self.block_size < 1 or self.kv_cache_bytes < 1 or self.threads < 1:
             raise ValueError(f"block_size, kv_cache_bytes and threads must be >= 1 (got {self.block_size}, {self.kv_cache_bytes}, {self.threads})")
         if len(set(self.adapter_modules)) != len(self.adapter_modules):
@@ -52,4 +57,4 @@ class EngineConfig:
 
     @property
     def layout(self) -> SlotLayout:
-        return SlotLayout(self.pools)
+        return SlotLayout(self.pools, None if self.lora_dtype == "auto" else DTYPES[self.lora_dtype])

@@ -67,6 +67,7 @@ class CostModel:
     dtype: str  # what it was calibrated in
     quantization: str  # of the base weight it was calibrated with
     threads: int
+    lora_dtype: str = "auto"  # LoRA slot storage it was calibrated with ("auto": `dtype`)
 
     def cost(self, path: KernelPath) -> PathCost:
         return self.paths[path]
@@ -102,6 +103,7 @@ class CostModel:
             "dtype": self.dtype,
             "quantization": self.quantization,
             "threads": self.threads,
+            "lora_dtype": self.lora_dtype,
             "base": asdict(self.base),
             "paths": {p.value: asdict(c) for p, c in self.paths.items()},
         }
@@ -112,7 +114,7 @@ class CostModel:
         doc = json.loads(path.read_text())
         try:
             paths = {KernelPath(name): PathCost(**c) for name, c in doc["paths"].items()}
-            model = CostModel(PathCost(**doc["base"]), paths, doc["dtype"], doc["quantization"], int(doc["threads"]))
+            model = CostModel(PathCost(**doc["base"]), paths, doc["dtype"], doc["quantization"], int(doc["threads"]), doc["lora_dtype"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is not a cost-model profile: {e}") from e
         missing = set(KernelPath) - set(paths)
@@ -138,31 +140,38 @@ _PROBES = ((1, 1, 1), (8, 8, 4), (64, 4, 16), (64, 64, 8), (512, 2, 4))
 
 
 def calibrate(
-    dtype: torch.dtype = torch.float32, quantization: Quantization = Quantization.NONE, d_in: int = 512, d_out: int = 512, repeats: int = 7
+    dtype: torch.dtype = torch.float32,
+    quantization: Quantization = Quantization.NONE,
+    d_in: int = 512,
+    d_out: int = 512,
+    repeats: int = 7,
+    lora_dtype: torch.dtype | None = None,
 ) -> CostModel:
     """Time every path on a few probe shapes here and fit its two coefficients.
 
     Calibrate at the served layers' own width: per-MAC costs depend on whether a weight
     fits in cache (merging W0 ∘ (BA)ᵀ at d = 512 is cache-resident, at d = 2048 it streams
-    memory). ~1 s at d = 512, a few seconds at StarCoder-1B's 2048. The base weight is stored
-    as the served model's (`quantization`): int8 makes FLoRA's GEMMs cheaper, not the LoRA paths."""
+    memory). ~1 s at d = 512, a few seconds at StarCoder-1B's 2048. The base weight and the LoRA
+    slots are stored as the served model's (`quantization`, `lora_dtype`; None: `dtype`): int8 makes
+    FLoRA's GEMMs cheaper, bf16 LoRA slots the paths that read adapters in place."""
     weight = base_weight(torch.randn(d_out, d_in, dtype=dtype) / math.sqrt(d_in), quantization)
     samples: dict[KernelPath | None, list[tuple[float, float, float]]] = {}
     for n, u, r in _PROBES:
         for path in (None, *KernelPath):
             shape = GroupShape(_kind_of(path), n, u, r, d_in, d_out)
-            seconds = _time_path(path, shape, weight, repeats)
+            seconds = _time_path(path, shape, weight, repeats, lora_dtype)
             samples.setdefault(path, []).append((*path_load(path, shape), seconds))
     fitted = {path: _fit(points) for path, points in samples.items()}
     paths = {p: fitted[p] for p in KernelPath}
-    return CostModel(fitted[None], paths, str(dtype).removeprefix("torch."), quantization.value, torch.get_num_threads())
+    stored = "auto" if lora_dtype is None else str(lora_dtype).removeprefix("torch.")
+    return CostModel(fitted[None], paths, str(dtype).removeprefix("torch."), quantization.value, torch.get_num_threads(), stored)
 
 
 def _kind_of(path: KernelPath | None) -> AdapterKind:
     return next((k for k, ps in PATHS_BY_KIND.items() if path in ps), AdapterKind.LORA)
 
 
-def _time_path(path: KernelPath | None, s: GroupShape, weight: BaseWeight, repeats: int) -> float:
+def _time_path(path: KernelPath | None, s: GroupShape, weight: BaseWeight, repeats: int, lora_dtype: torch.dtype | None) -> float:
     """Seconds of one kernel call on random adapters (None: the base GEMM)."""
     x = torch.randn(s.rows, s.d_in, dtype=weight.dtype)
     y = torch.empty(s.rows, s.d_out, dtype=weight.dtype)
@@ -170,7 +179,7 @@ def _time_path(path: KernelPath | None, s: GroupShape, weight: BaseWeight, repea
         return _min_seconds(lambda: weight.mm_into(y, x), repeats)
     # Every other slot of a pool twice the size: rows' slots are never consecutive, so the probes
     # measure the gathering kernels as they run in general (consecutive slots only get faster).
-    layout = SlotLayout((SlotPool(s.kind, 1 if s.kind is AdapterKind.IA3 else s.rank, 2 * s.adapters),))
+    layout = SlotLayout((SlotPool(s.kind, 1 if s.kind is AdapterKind.IA3 else s.rank, 2 * s.adapters),), lora_dtype)
     slots = LayerSlots(layout, s.d_in, s.d_out, weight.dtype)
     for p in slots.pools:
         for t in vars(p).values():

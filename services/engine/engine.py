@@ -199,4 +199,4 @@ def calibrate_for(model: CausalLM, config: EngineConfig) -> CostModel:
     layers = list(model.adapted_layers().values())
     if not layers:
         return calibrate(config.torch_dtype, config.quantization, repeats=1)  # nothing to choose: a token calibration
-    return calibrate(config.torch_dtype, config.quantization, layers[0].d_in, layers[0].d_out)
+    return calibrate(config.torch_dtype, config.quantization, layers[0].d_in, layers[0].d_out, lora_dtype=config.layout.lora_dtype)

@@ -114,6 +114,7 @@ class Projections(nn.Module):
     def __init__(self, *parts: Linear):
         super().__init__()
         self.parts = parts  # a tuple: not registered twice, the parent module owns them
+        self.adapted = [(i, part) for i, part in enumerate(parts) if isinstance(part, MultiAdapterLinear)]
         self.splits = [p.d_out for p in parts]
         self.base: BaseWeight | None = None  # the fused weight, built by `quantize`
         self.bias: torch.Tensor | None = None
@@ -131,7 +132,7 @@ class Projections(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [T, d_in] -> per part [T, d_out_i]"""
-        adapted = [(i, part.step_batch()) for i, part in enumerate(self.parts) if isinstance(part, MultiAdapterLinear)]
+        adapted = [(i, part.step_batch()) for i, part in self.adapted]
         if not all(shares_base_gemm(batch) for _, batch in adapted):
             return tuple(part(x) for part in self.parts)
         ys = self.base.mm(x, self.bias).split(self.splits, dim=1)  # column views of one [T, Σ d_out]

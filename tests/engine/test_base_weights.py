@@ -120,6 +120,22 @@ def test_every_adapter_path_over_an_int8_base():
         assert torch.allclose(y[0], weight.mm(x[:1], bias)[0], rtol=1e-6, atol=1e-6)  # slot -1: no adapter
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_scaled_mm_is_rank_one_flora_with_the_scales_fused(with_bias):
+    """scaled_mm_into: out[t] = out_scale[s_t] ∘ ((x[t] ∘ in_scale[s_t]) @ W0ᵀ) + bias. Int8 folds the
+    scales into its quantization and epilogue: bitwise the same int8 weight's unfused ops."""
+    x, w = operands(32, 96, 40, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    in_scale, out_scale = torch.randn(5, 96, generator=gen), torch.randn(5, 40, generator=gen)
+    slots = torch.randint(5, (32,), generator=gen)
+    bias = torch.randn(40, generator=gen) if with_bias else None
+    for weight in (DenseWeight(w), Int8Weight.quantize(w)):
+        out = torch.empty(32, 40)
+        weight.scaled_mm_into(out, x, in_scale, out_scale, slots, bias)
+        unfused = weight.mm(x * in_scale[slots]) * out_scale[slots]
+        assert torch.equal(out, unfused if bias is None else unfused + bias), type(weight).__name__
+
+
 def test_dense_and_int8_share_one_interface():
     x, w = operands(4, 8, 6)
     for weight in (DenseWeight(w), Int8Weight.quantize(w)):
@@ -136,3 +152,12 @@ def test_engine_config_validates_quantization():
         EngineConfig(quantization=Quantization.INT8, dtype="bfloat16")
     with pytest.raises(ValueError, match="dtype must be one of"):
         EngineConfig(dtype="float8")
+
+
+def test_engine_config_validates_lora_dtype():
+    assert EngineConfig(lora_dtype="bfloat16").layout.lora_dtype is torch.bfloat16
+    assert EngineConfig().layout.lora_dtype is None and EngineConfig(lora_dtype="float32").layout.lora_dtype is torch.float32
+    with pytest.raises(ValueError, match="lora_dtype must be 'auto', the model dtype 'float32', or 'bfloat16' under float32; got 'float16'"):
+        EngineConfig(lora_dtype="float16")
+    with pytest.raises(ValueError, match="got 'float32'"):  # the kernels widen bf16 to fp32, never narrow
+        EngineConfig(dtype="bfloat16", lora_dtype="float32")

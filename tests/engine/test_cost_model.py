@@ -65,7 +65,7 @@ def test_profile_round_trip(measured, tmp_path):
 
 def test_bad_profile_is_rejected(tmp_path):
     path = tmp_path / "profile.json"
-    path.write_text('{"dtype": "float32", "quantization": "none", "threads": 1, "base": {"overhead_s": 0, "per_mac_s": 1}, "paths": {"flora": {"overhead_s": 0, "per_mac_s": 1}}}')
+    path.write_text('{"dtype": "float32", "quantization": "none", "threads": 1, "lora_dtype": "auto", "base": {"overhead_s": 0, "per_mac_s": 1}, "paths": {"flora": {"overhead_s": 0, "per_mac_s": 1}}}')
     with pytest.raises(ValueError, match="lacks costs for paths"):
         CostModel.load(path)
     path.write_text('{"dtype": "float32"}')

@@ -69,6 +69,28 @@ def test_random_mixed_batches_match_reference(d_in, d_out, slot_ids, dtype, bias
     check_all_paths(MIXED_LAYOUT, slot_ids, d_in, d_out, dtype, seed, bias)
 
 
+def test_lora_slots_in_bfloat16_under_float32_rows_on_every_path():
+    """SlotLayout.lora_dtype: LoRA pools store bf16 (FLoRA and IA3 keep the layer's dtype), every
+    LoRA path reads them under fp32 rows; the only error is the weights' bf16 rounding."""
+    layout = SlotLayout(MIXED_LAYOUT.pools, lora_dtype=torch.bfloat16)
+    d_in, d_out = 40, 56
+    gen = torch.Generator().manual_seed(11)
+    weight, bias = torch.randn(d_out, d_in, generator=gen) / d_in**0.5, torch.randn(d_out, generator=gen)
+    adapters = fill_slots(layout, d_in, d_out, torch.float32, gen)
+    slots = LayerSlots(layout, d_in, d_out, torch.float32)
+    for slot, adapter in adapters.items():
+        slots.load(slot, adapter)
+    assert [p.a.dtype if hasattr(p, "a") else p.scale_in.dtype for p in slots.pools] == [
+        torch.bfloat16 if pool.kind is AdapterKind.LORA else torch.float32 for pool in layout.pools
+    ]
+    slot_ids = list(range(-1, layout.num_slots)) * 2
+    x = torch.randn(len(slot_ids), d_in, generator=gen)
+    ref = reference_linear(x.double(), weight.double(), bias.double(), [adapters.get(s) for s in slot_ids])
+    for chooser in ALL_CHOOSERS:
+        y = multi_adapter_linear(x, DenseWeight(weight), bias, slots, AdapterBatch.build(slot_ids, layout, chooser, d_in, d_out))
+        assert y.dtype == torch.float32 and rel_err(y.double(), ref) <= 4e-3, chooser  # bf16: 8 bits of mantissa
+
+
 @pytest.mark.parametrize("rank", [1, 2, 3, 8, 16, 32])
 @pytest.mark.parametrize("kind", [AdapterKind.FLORA, AdapterKind.LORA])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

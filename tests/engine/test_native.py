@@ -74,6 +74,45 @@ def test_dequantize_into_writes_a_column_block_and_nothing_else():
     assert (fused[:, :3] == 7).all() and (fused[:, 10:] == 7).all()
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("rows,width", [(1, 8), (32, 576), (300, 960)])
+def test_row_scaled_quantize_and_epilogue_are_bitwise_the_torch_composition(rows, width, with_bias, threads):
+    """FLoRA's fused form: quantize(x ∘ in_scale[slots]) and (acc · scales) ∘ out_scale[slots] + bias,
+    each row scaled by its own slot's vector, equal to the plain-torch ops applied in that order."""
+    gen = torch.Generator().manual_seed(rows + width)
+    x = torch.randn(rows, width, generator=gen)
+    in_scale, out_scale = torch.randn(5, width, generator=gen), torch.randn(5, width, generator=gen)
+    slots = torch.randint(5, (rows,), generator=gen)
+    xq, x_scale = native.ops().quantize_rows(x, in_scale, slots)
+    ref_q, ref_scale = quantize_rows(x * in_scale[slots])
+    assert torch.equal(xq, ref_q) and torch.equal(x_scale, ref_scale)
+
+    acc = torch.randint(-(2**20), 2**20, (rows, width), dtype=torch.int32, generator=gen)
+    w_scale = torch.rand(width, generator=gen)
+    bias = torch.randn(width, generator=gen) if with_bias else None
+    out = torch.empty(rows, width)
+    native.ops().dequantize_into(out, acc, x_scale, w_scale, bias, out_scale, slots)
+    ref = dequantize(acc, x_scale, w_scale) * out_scale[slots]
+    assert torch.equal(out, ref if bias is None else ref + bias)
+
+
+def test_row_scales_refuse_bad_input_clearly():
+    ops, x, acc = native.ops(), torch.ones(3, 4), torch.zeros(3, 4, dtype=torch.int32)
+    scale, slots = torch.ones(2, 4), torch.tensor([0, 1, 1])
+    with pytest.raises(RuntimeError, match="scale and slots come together"):
+        ops.quantize_rows(x, scale, None)
+    with pytest.raises(RuntimeError, match=r"scale must be a contiguous float32 \[slots, 4\]"):
+        ops.quantize_rows(x, torch.ones(2, 5), slots)
+    with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 2\), got \[0, 2\]"):
+        ops.quantize_rows(x, scale, torch.tensor([0, 2, 1]))
+    with pytest.raises(RuntimeError, match=r"slots must be a contiguous int64 \[3\]"):
+        ops.quantize_rows(x, scale, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match=r"out_scale must be a contiguous float32"):
+        ops.dequantize_into(torch.empty(3, 4), acc, torch.ones(3, 1), torch.ones(4), None, scale.double(), slots)
+    with pytest.raises(RuntimeError, match="out_scale and slots come together"):
+        ops.dequantize_into(torch.empty(3, 4), acc, torch.ones(3, 1), torch.ones(4), None, None, slots)
+
+
 def test_int8_kernels_refuse_bad_input_clearly():
     ops = native.ops()
     with pytest.raises(RuntimeError, match="x must be Float"):
@@ -114,21 +153,41 @@ def test_lora_bgmv_adds_each_rows_own_adapter(rows, num_slots, rank, d_in, d_out
     slots = torch.randint(num_slots, (rows,), generator=gen)
     y0 = torch.randn(rows, d_out, generator=gen)
     y = y0.clone()
-    native.ops().lora_bgmv_(y, x, a, b, slots)
+    native.ops().lora_bgmv_(y, x, a, b, slots, 0)
     delta = reference_linear(x.double(), w, None, [adapters[s] for s in slots.tolist()])
     assert rel_err((y - y0).double(), delta) <= 1e-5
 
 
-def test_lora_bgmv_in_bfloat16_and_into_a_column_block():
+def test_lora_bgmv_in_bfloat16_into_a_block_of_rows_and_columns():
+    """A pool group: rows [start, start + n) of the batch, and a fused projection's column block."""
     gen = torch.Generator().manual_seed(5)
     a, b, adapters = lora_pool(4, 8, 64, 48, torch.bfloat16, gen)
-    x = torch.randn(9, 64, generator=gen).bfloat16()
+    x = torch.randn(12, 64, generator=gen).bfloat16()
     slots = torch.tensor([3, 0, 0, 1, 2, 3, 1, 1, 0])
-    fused = torch.zeros(9, 100, dtype=torch.bfloat16)
-    native.ops().lora_bgmv_(fused[:, 20:68], x, a, b, slots)
-    delta = reference_linear(x.double(), torch.zeros(48, 64, dtype=torch.float64), None, [adapters[s] for s in slots.tolist()])
-    assert rel_err(fused[:, 20:68].double(), delta) <= 1e-2  # one bf16 rounding of the output
-    assert (fused[:, :20] == 0).all() and (fused[:, 68:] == 0).all()
+    fused = torch.zeros(12, 100, dtype=torch.bfloat16)
+    native.ops().lora_bgmv_(fused[:, 20:68], x, a, b, slots, 2)
+    delta = reference_linear(x[2:11].double(), torch.zeros(48, 64, dtype=torch.float64), None, [adapters[s] for s in slots.tolist()])
+    assert rel_err(fused[2:11, 20:68].double(), delta) <= 1e-2  # one bf16 rounding of the output
+    untouched = torch.ones_like(fused, dtype=torch.bool)
+    untouched[2:11, 20:68] = False
+    assert (fused[untouched] == 0).all()
+
+
+@pytest.mark.parametrize("d_in,d_out", [(576, 192), (40, 24)])  # whole vectors, and tails within one
+def test_lora_bgmv_reads_bfloat16_adapters_under_float32_rows(d_in, d_out, threads):
+    """EngineConfig.lora_dtype="bfloat16": the pool holds bf16, rows and sums stay fp32. The error
+    is the bf16 rounding of the stored weights alone: the same kernel on those weights widened to
+    fp32 agrees to fp32 rounding."""
+    gen = torch.Generator().manual_seed(d_in)
+    a, b, adapters = lora_pool(6, 8, d_in, d_out, torch.float32, gen)
+    x = torch.randn(20, d_in, generator=gen)
+    slots = torch.randint(6, (20,), generator=gen)
+    y_bf16, y_widened = torch.zeros(20, d_out), torch.zeros(20, d_out)
+    native.ops().lora_bgmv_(y_bf16, x, a.bfloat16(), b.bfloat16(), slots, 0)
+    native.ops().lora_bgmv_(y_widened, x, a.bfloat16().float(), b.bfloat16().float(), slots, 0)
+    assert rel_err(y_bf16.double(), y_widened.double()) <= 1e-6
+    delta = reference_linear(x.double(), torch.zeros(d_out, d_in, dtype=torch.float64), None, [adapters[s] for s in slots.tolist()])
+    assert rel_err(y_bf16.double(), delta) <= 1e-2  # bf16 keeps 8 bits of mantissa
 
 
 def test_lora_bgmv_refuses_bad_input_clearly():
@@ -136,15 +195,21 @@ def test_lora_bgmv_refuses_bad_input_clearly():
     x, y = torch.zeros(3, 8), torch.zeros(3, 6)
     op = native.ops().lora_bgmv_
     with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 2\), got \[0, 2\]"):
-        op(y, x, a, b, torch.tensor([0, 1, 2]))
+        op(y, x, a, b, torch.tensor([0, 1, 2]), 0)
     with pytest.raises(RuntimeError, match="same number of rows"):
-        op(y, x, a, b, torch.tensor([0, 1]))
+        op(y[:2], x, a, b, torch.tensor([0, 1]), 0)
+    with pytest.raises(RuntimeError, match=r"rows \[2, 4\) are not all in x's 3 rows"):
+        op(y, x, a, b, torch.tensor([0, 1]), 2)
     with pytest.raises(RuntimeError, match="do not match"):
-        op(y, torch.zeros(3, 7), a, b, torch.tensor([0, 1, 1]))
-    with pytest.raises(RuntimeError, match="one dtype"):
-        op(y, x.double(), a, b, torch.tensor([0, 1, 1]))
+        op(y, torch.zeros(3, 7), a, b, torch.tensor([0, 1, 1]), 0)
+    with pytest.raises(RuntimeError, match="x and y must share one dtype"):
+        op(y, x.double(), a, b, torch.tensor([0, 1, 1]), 0)
+    with pytest.raises(RuntimeError, match=r"a and b must be Double like x \(or bfloat16 under float32 x\), got Float"):
+        op(y.double(), x.double(), a, b, torch.tensor([0, 1, 1]), 0)
+    with pytest.raises(RuntimeError, match="a and b another"):
+        op(y, x, a, b.bfloat16(), torch.tensor([0, 1, 1]), 0)
     with pytest.raises(RuntimeError, match="slots must be contiguous int64"):
-        op(y, x, a, b, torch.tensor([0, 1, 1], dtype=torch.int32))
+        op(y, x, a, b, torch.tensor([0, 1, 1], dtype=torch.int32), 0)
 
 
 def test_decode_attention_refuses_bad_input_clearly():

@@ -20,6 +20,8 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "vec_ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -38,75 +40,31 @@ void softmax_(Acc* s, int64_t len) {
   at::vec::map([total](Vec x) { return x / Vec(total); }, s, s, len);
 }
 
-// Explicit at::vec code: the compiler's own vectorization of these short (head_dim) loops
-// ended every dot product in a scalar reduction chain and kept the output in memory.
-template <typename Acc>
-using Vec = at::vec::Vectorized<Acc>;
-
-template <typename Acc>
-Acc dot(const Acc* a, const Acc* b, int64_t n) {
-  Vec<Acc> sum(0);
-  int64_t d = 0;
-  for (; d + Vec<Acc>::size() <= n; d += Vec<Acc>::size()) sum = at::vec::fmadd(Vec<Acc>::loadu(a + d), Vec<Acc>::loadu(b + d), sum);
-  if (d < n) sum = at::vec::fmadd(Vec<Acc>::loadu(a + d, n - d), Vec<Acc>::loadu(b + d, n - d), sum);  // tail, zero-padded
-  return at::vec::vec_reduce_all([](Vec<Acc> x, Vec<Acc> y) { return x + y; }, sum);
-}
-
-// out[0..n) = sum_p w[p] * rows[p][0..n), p < len; up to 4 vectors of columns per pass, in registers.
-template <typename Acc>
-void weighted_sum(Acc* out, const Acc* w, const Acc* const* rows, int64_t len, int64_t n) {
-  constexpr int64_t kLanes = Vec<Acc>::size();
-  for (int64_t d0 = 0; d0 < n; d0 += 4 * kLanes) {
-    Vec<Acc> acc[4] = {Vec<Acc>(0), Vec<Acc>(0), Vec<Acc>(0), Vec<Acc>(0)};
-    const int64_t width = std::min<int64_t>(4 * kLanes, n - d0);
-    const int64_t vectors = (width + kLanes - 1) / kLanes;
-    for (int64_t p = 0; p < len; ++p) {
-      const Vec<Acc> wp(w[p]);
-      for (int64_t v = 0; v < vectors; ++v) {
-        const int64_t d = d0 + v * kLanes, count = std::min<int64_t>(kLanes, n - d);
-        acc[v] = at::vec::fmadd(wp, Vec<Acc>::loadu(rows[p] + d, count), acc[v]);
-      }
-    }
-    for (int64_t v = 0; v < vectors; ++v) {
-      const int64_t d = d0 + v * kLanes;
-      acc[v].store(out + d, std::min<int64_t>(kLanes, n - d));
-    }
-  }
-}
-
 template <typename T>
 void decode_rows(T* out, const T* q, const T* k_cache, const T* v_cache, const int64_t* rows, const int64_t* kv_index,
                  const int64_t* lengths, int64_t num_rows, int64_t max_len, int64_t heads, int64_t kv_heads, int64_t dim,
                  double scale) {
   using Acc = at::opmath_type<T>;
-  constexpr bool kConvert = !std::is_same_v<T, Acc>;  // bf16 storage: rows are widened into buffers first
   const int64_t group = heads / kv_heads;
   const int64_t row_stride = heads * dim, slot_stride = kv_heads * dim;
   // One task per (row, kv head); a few per thread at decode sizes.
   at::parallel_for(0, num_rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> scores(group * max_len), qs(group * dim), os(group * dim), widened(kConvert ? 2 * max_len * dim : 0);
-    std::vector<const Acc*> keys(max_len), values(max_len);
+    std::vector<Acc> scores(group * max_len), qs(group * dim), os(group * dim);
+    std::vector<const T*> keys(max_len), values(max_len);  // read in place; bf16 is widened as it is loaded
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / kv_heads, g = task % kv_heads, len = lengths[i];
       const int64_t* slots = kv_index + i * max_len;
       const T* qg = q + rows[i] * row_stride + g * group * dim;  // the group's query heads, [group, dim]
       for (int64_t e = 0; e < group * dim; ++e) qs[e] = static_cast<Acc>(qg[e]);
       for (int64_t p = 0; p < len; ++p) {  // this kv head's key and value rows, where they lie
-        const T* k = k_cache + slots[p] * slot_stride + g * dim;
-        const T* v = v_cache + slots[p] * slot_stride + g * dim;
-        if constexpr (kConvert) {
-          Acc* wk = widened.data() + 2 * p * dim;
-          for (int64_t d = 0; d < dim; ++d) wk[d] = static_cast<Acc>(k[d]), wk[dim + d] = static_cast<Acc>(v[d]);
-          keys[p] = wk, values[p] = wk + dim;
-        } else {
-          keys[p] = k, values[p] = v;
-        }
+        keys[p] = k_cache + slots[p] * slot_stride + g * dim;
+        values[p] = v_cache + slots[p] * slot_stride + g * dim;
       }
       for (int64_t j = 0; j < group; ++j) {
         Acc* s = scores.data() + j * max_len;
-        for (int64_t p = 0; p < len; ++p) s[p] = dot(qs.data() + j * dim, keys[p], dim) * static_cast<Acc>(scale);
+        for (int64_t p = 0; p < len; ++p) s[p] = flora_vec::dot(keys[p], qs.data() + j * dim, dim) * static_cast<Acc>(scale);
         softmax_(s, len);
-        weighted_sum(os.data() + j * dim, s, values.data(), len, dim);
+        flora_vec::weighted_sum<false>(os.data() + j * dim, s, values.data(), len, dim);
       }
       T* og = out + rows[i] * row_stride + g * group * dim;
       for (int64_t e = 0; e < group * dim; ++e) og[e] = static_cast<T>(os[e]);

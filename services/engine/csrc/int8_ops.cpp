@@ -1,7 +1,9 @@
 // The glue around torch._int_mm, fused: per-row activation quantization before the
 // integer GEMM and the fp32 epilogue after it. In plain torch these are 8 and 3 ops
 // per linear (~50 us and ~20 us at 32 x 576 on a 2-core Xeon, most of it dispatch);
-// here each is one pass over the rows. The plain-torch versions in base_weights.py
+// here each is one pass over the rows. Both optionally scale each row by its own vector
+// from a pool, picked by the row's slot: FLoRA's y = a ∘ ((x ∘ b) W0ᵀ) (kernels.flora)
+// is then one quantize, one GEMM and one epilogue, with nothing gathered or copied. The plain-torch versions in base_weights.py
 // are the oracles: the tests require bitwise equality, so the arithmetic below keeps
 // torch's exact order (true division, no FMA contraction: built with -ffp-contract=off).
 
@@ -31,11 +33,33 @@ void check_rows(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.stride(1) == 1, name, " must have contiguous rows (stride 1 along dim 1)");
 }
 
-// x [M, K] float32 -> (xq [M, K] int8, x_scale [M, 1] float32), x ~= xq * x_scale.
-//   x_scale = max(absmax(x[m]), tiny) / 127;  xq = round_half_even(x / x_scale)
-std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+// A pool of per-slot row scales [S, width] float32 and each row's slot, checked; null when absent.
+const float* row_scales(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& slots, int64_t rows,
+                        int64_t width, const char* name) {
+  TORCH_CHECK(scale.has_value() == slots.has_value(), name, " and slots come together");
+  if (!scale.has_value()) return nullptr;
+  TORCH_CHECK(scale->device().is_cpu() && scale->scalar_type() == at::kFloat && scale->dim() == 2 && scale->size(1) == width &&
+                  scale->is_contiguous(), name, " must be a contiguous float32 [slots, ", width, "], got ", scale->scalar_type(), " ",
+              scale->sizes());
+  TORCH_CHECK(slots->device().is_cpu() && slots->scalar_type() == at::kLong && slots->dim() == 1 && slots->size(0) == rows &&
+                  slots->is_contiguous(), "slots must be a contiguous int64 [", rows, "], got ", slots->scalar_type(), " ", slots->sizes());
+  const int64_t* s = slots->const_data_ptr<int64_t>();
+  if (rows > 0) {
+    const auto [lo, hi] = std::minmax_element(s, s + rows);
+    TORCH_CHECK(*lo >= 0 && *hi < scale->size(0), "slots must lie in [0, ", scale->size(0), "), got [", *lo, ", ", *hi, "]");
+  }
+  return scale->const_data_ptr<float>();
+}
+
+// x [M, K] float32 (scaled row-wise: v = x[m] * scale[slots[m]] when given) ->
+// (xq [M, K] int8, x_scale [M, 1] float32), v ~= xq * x_scale.
+//   x_scale = max(absmax(v[m]), tiny) / 127;  xq = round_half_even(v / x_scale)
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, const std::optional<at::Tensor>& row_scale,
+                                                 const std::optional<at::Tensor>& slots) {
   check_rows(x, at::kFloat, "x");
   const int64_t rows = x.size(0), width = x.size(1), stride = x.stride(0);
+  const float* in_scales = row_scales(row_scale, slots, rows, width, "scale");
+  const int64_t* slot = in_scales ? slots->const_data_ptr<int64_t>() : nullptr;
   at::Tensor xq = at::empty({rows, width}, x.options().dtype(at::kChar));
   at::Tensor scale = at::empty({rows, 1}, x.options());
   const float* src = x.const_data_ptr<float>();
@@ -46,6 +70,16 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
       const float* in = src + m * stride;
       int8_t* out = dst + m * width;
       float absmax = 0.0f;
+      if (in_scales) {  // v = x * scale, rounded to fp32 as torch's `x * scale` is, computed in both passes
+        const float* sc = in_scales + slot[m] * width;
+#pragma omp simd reduction(max : absmax)
+        for (int64_t k = 0; k < width; ++k) absmax = std::max(absmax, std::fabs(in[k] * sc[k]));
+        const float s = std::max(absmax, kTiny) / kInt8Max;
+        scales[m] = s;
+#pragma omp simd
+        for (int64_t k = 0; k < width; ++k) out[k] = static_cast<int8_t>(std::nearbyint((in[k] * sc[k]) / s));
+        continue;
+      }
 #pragma omp simd reduction(max : absmax)
       for (int64_t k = 0; k < width; ++k) absmax = std::max(absmax, std::fabs(in[k]));
       const float s = std::max(absmax, kTiny) / kInt8Max;
@@ -57,10 +91,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   return {xq, scale};
 }
 
-// out [M, N] float32 = acc [M, N] int32 * x_scale [M, 1] * w_scale [N] (+ bias [N]), in place.
-// out may be a row slice or a column block of a larger tensor (any row stride).
+// out [M, N] float32 = acc [M, N] int32 * x_scale [M, 1] * w_scale [N] (* out_scale[slots[m]]) (+ bias [N]),
+// in place. out may be a row slice or a column block of a larger tensor (any row stride).
 void dequantize_into(at::Tensor& out, const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
-                     const std::optional<at::Tensor>& bias) {
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale,
+                     const std::optional<at::Tensor>& slots) {
   check_rows(out, at::kFloat, "out");
   check_rows(acc, at::kInt, "acc");
   const int64_t rows = acc.size(0), width = acc.size(1);
@@ -74,6 +109,8 @@ void dequantize_into(at::Tensor& out, const at::Tensor& acc, const at::Tensor& x
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == width && bias->is_contiguous(),
                 "bias must be a contiguous float32 [", width, "]");
   }
+  const float* row_scale = row_scales(out_scale, slots, rows, width, "out_scale");
+  const int64_t* slot = row_scale ? slots->const_data_ptr<int64_t>() : nullptr;
   const int32_t* in = acc.const_data_ptr<int32_t>();
   const float* xs = x_scale.const_data_ptr<float>();
   const float* ws = w_scale.const_data_ptr<float>();
@@ -85,12 +122,17 @@ void dequantize_into(at::Tensor& out, const at::Tensor& acc, const at::Tensor& x
       const int32_t* a = in + m * in_stride;
       float* o = dst + m * out_stride;
       const float s = xs[m];
-      if (has_bias) {
+      if (row_scale) {  // torch's order: ((acc * x_scale) * w_scale) * out_scale, then + bias
+        const float* rs = row_scale + slot[m] * width;
 #pragma omp simd
-        for (int64_t n = 0; n < width; ++n) o[n] = static_cast<float>(a[n]) * s * ws[n] + b[n];
+        for (int64_t n = 0; n < width; ++n) o[n] = static_cast<float>(a[n]) * s * ws[n] * rs[n];
       } else {
 #pragma omp simd
         for (int64_t n = 0; n < width; ++n) o[n] = static_cast<float>(a[n]) * s * ws[n];
+      }
+      if (has_bias) {
+#pragma omp simd
+        for (int64_t n = 0; n < width; ++n) o[n] += b[n];
       }
     }
   });
@@ -99,6 +141,8 @@ void dequantize_into(at::Tensor& out, const at::Tensor& acc, const at::Tensor& x
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flora, m) {
-  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)", &quantize_rows);
-  m.def("dequantize_into(Tensor(a!) out, Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> ()", &dequantize_into);
+  m.def("quantize_rows(Tensor x, Tensor? scale=None, Tensor? slots=None) -> (Tensor, Tensor)", &quantize_rows);
+  m.def("dequantize_into(Tensor(a!) out, Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias, Tensor? out_scale=None, "
+        "Tensor? slots=None) -> ()",
+        &dequantize_into);
 }

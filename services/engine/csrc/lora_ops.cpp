@@ -5,9 +5,12 @@
 //     h = a[s] @ x[t]           [R]        shrink: R dot products of length d_in
 //     y[t] += h @ b[s]          [d_out]    expand: R axpys of length d_out
 //
-// a [S, R, d_in] is lora_A, b [S, R, d_out] is scale * lora_B^T (adapter_slots.LoraPool).
-// Sums are in fp32 for fp32/bf16 storage (at::opmath_type), fp64 for fp64. Reference: reference.reference_row (plain torch),
-// which the tests hold every kernel path to.
+// a [S, R, d_in] is lora_A, b [S, R, d_out] is scale * lora_B^T (adapter_slots.LoraPool),
+// stored in the activations' dtype or in bf16 under fp32 activations (EngineConfig.lora_dtype:
+// every row reads its own adapter, so with many tenants a decode step streams all their
+// weights from memory, and bf16 halves those bytes). Sums are in fp32 for fp32/bf16
+// (at::opmath_type), fp64 for fp64. Reference: reference.reference_row (plain torch), which
+// the tests hold every kernel path to.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,61 +23,63 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec_ops.h"
+
 namespace {
 
 constexpr int64_t kGrainMacs = 1 << 16;  // multiply-adds per parallel task: below this, one thread
 
-template <typename T>
-void lora_rows(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* a, const T* b, const int64_t* slots,
+// h[0..rank) = a[r] . x for every rank row r of one adapter, four rows per pass over x.
+template <typename Acc, typename W>
+void shrink(Acc* h, const W* a, const Acc* x, int64_t rank, int64_t d_in) {
+  int64_t r = 0;
+  for (; r + 4 <= rank; r += 4) flora_vec::dots<4>(h + r, a + r * d_in, d_in, x, d_in);
+  for (; r < rank; ++r) h[r] = flora_vec::dot(a + r * d_in, x, d_in);
+}
+
+// T: activations x and y; W: the adapter weights (T, or bf16 under fp32 activations).
+template <typename T, typename W>
+void lora_rows(T* y, int64_t y_stride, const T* x, int64_t x_stride, const W* a, const W* b, const int64_t* slots,
                int64_t rows, int64_t rank, int64_t d_in, int64_t d_out) {
+  using Acc = at::opmath_type<T>;
+  constexpr bool kWiden = !std::is_same_v<T, Acc>;  // bf16 activations: the row is widened into fp32 buffers
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / (rank * (d_in + d_out)));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    using Acc = at::opmath_type<T>;
-    std::vector<Acc> h(rank), delta(std::is_same_v<T, Acc> ? 0 : d_out);
+    std::vector<Acc> h(rank), x_acc(kWiden ? d_in : 0), y_acc(kWiden ? d_out : 0);
+    std::vector<const W*> b_rows(rank);
     for (int64_t t = begin; t < end; ++t) {
       const T* xt = x + t * x_stride;
-      const T* at_ = a + slots[t] * rank * d_in;
-      const T* bt = b + slots[t] * rank * d_out;
-      for (int64_t r = 0; r < rank; ++r) {
-        const T* ar = at_ + r * d_in;
-        Acc acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < d_in; ++k) acc += static_cast<Acc>(ar[k]) * static_cast<Acc>(xt[k]);
-        h[r] = acc;
-      }
       T* yt = y + t * y_stride;
-      if constexpr (std::is_same_v<T, Acc>) {
-        for (int64_t r = 0; r < rank; ++r) {
-          const Acc hr = h[r];
-          const T* br = bt + r * d_out;
-#pragma omp simd
-          for (int64_t n = 0; n < d_out; ++n) yt[n] += hr * br[n];
-        }
-      } else {  // reduced precision: sum the row's delta in fp32, round once
-        std::fill(delta.begin(), delta.end(), Acc(0));
-        for (int64_t r = 0; r < rank; ++r) {
-          const Acc hr = h[r];
-          const T* br = bt + r * d_out;
-#pragma omp simd
-          for (int64_t n = 0; n < d_out; ++n) delta[n] += hr * static_cast<Acc>(br[n]);
-        }
-        for (int64_t n = 0; n < d_out; ++n) yt[n] = static_cast<T>(static_cast<Acc>(yt[n]) + delta[n]);
+      const W* at_ = a + slots[t] * rank * d_in;
+      for (int64_t r = 0; r < rank; ++r) b_rows[r] = b + (slots[t] * rank + r) * d_out;
+      if constexpr (kWiden) {
+        std::transform(xt, xt + d_in, x_acc.begin(), [](T v) { return static_cast<Acc>(v); });
+        std::transform(yt, yt + d_out, y_acc.begin(), [](T v) { return static_cast<Acc>(v); });
+        shrink(h.data(), at_, x_acc.data(), rank, d_in);
+        flora_vec::weighted_sum<true>(y_acc.data(), h.data(), b_rows.data(), rank, d_out);
+        std::transform(y_acc.begin(), y_acc.end(), yt, [](Acc v) { return static_cast<T>(v); });  // one rounding
+      } else {
+        shrink(h.data(), at_, xt, rank, d_in);
+        flora_vec::weighted_sum<true>(yt, h.data(), b_rows.data(), rank, d_out);
       }
     }
   });
 }
 
-// y [n, d_out] += per row t: (x[t] @ a[slots[t]]^T) @ b[slots[t]], in place.
-void lora_bgmv_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots) {
+// y[start + t] += (x[start + t] @ a[slots[t]]^T) @ b[slots[t]] for t < n = len(slots), in place:
+// one pool group's rows of the whole batch, addressed by offset (no sliced views to make per call).
+void lora_bgmv_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots, int64_t start) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && a.dim() == 3 && b.dim() == 3 && slots.dim() == 1,
-              "expected y [n, d_out], x [n, d_in], a [S, R, d_in], b [S, R, d_out], slots [n]");
-  const int64_t rows = x.size(0), d_in = x.size(1), d_out = y.size(1), num_slots = a.size(0), rank = a.size(1);
-  TORCH_CHECK(y.size(0) == rows && slots.size(0) == rows, "x, y and slots must have the same number of rows: ", rows, ", ",
-              y.size(0), ", ", slots.size(0));
+              "expected y [T, d_out], x [T, d_in], a [S, R, d_in], b [S, R, d_out], slots [n]");
+  const int64_t rows = slots.size(0), d_in = x.size(1), d_out = y.size(1), num_slots = a.size(0), rank = a.size(1);
+  TORCH_CHECK(x.size(0) == y.size(0), "x and y must have the same number of rows: ", x.size(0), ", ", y.size(0));
+  TORCH_CHECK(start >= 0 && start + rows <= x.size(0), "rows [", start, ", ", start + rows, ") are not all in x's ", x.size(0), " rows");
   TORCH_CHECK(a.size(2) == d_in && b.size(0) == num_slots && b.size(1) == rank && b.size(2) == d_out,
               "a ", a.sizes(), " and b ", b.sizes(), " do not match x ", x.sizes(), " and y ", y.sizes());
-  TORCH_CHECK(x.scalar_type() == y.scalar_type() && a.scalar_type() == y.scalar_type() && b.scalar_type() == y.scalar_type(),
-              "x, y, a and b must share one dtype");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && a.scalar_type() == b.scalar_type(), "x and y must share one dtype, a and b another");
+  const bool widened = a.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat;
+  TORCH_CHECK(a.scalar_type() == x.scalar_type() || widened, "a and b must be ", x.scalar_type(),
+              " like x (or bfloat16 under float32 x), got ", a.scalar_type());
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && a.is_contiguous() && b.is_contiguous(),
               "x and y need contiguous rows, a and b must be contiguous");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots must be contiguous int64");
@@ -84,14 +89,20 @@ void lora_bgmv_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const a
   const int64_t* s = slots.const_data_ptr<int64_t>();
   const auto [lo, hi] = std::minmax_element(s, s + rows);
   TORCH_CHECK(*lo >= 0 && *hi < num_slots, "slots must lie in [0, ", num_slots, "), got [", *lo, ", ", *hi, "]");
+  if (widened) {
+    lora_rows<float, at::BFloat16>(y.mutable_data_ptr<float>() + start * y.stride(0), y.stride(0), x.const_data_ptr<float>() + start * x.stride(0), x.stride(0),
+                                   a.const_data_ptr<at::BFloat16>(), b.const_data_ptr<at::BFloat16>(), s, rows, rank, d_in, d_out);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "lora_bgmv_", [&] {
-    lora_rows<scalar_t>(y.mutable_data_ptr<scalar_t>(), y.stride(0), x.const_data_ptr<scalar_t>(), x.stride(0),
-                        a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), s, rows, rank, d_in, d_out);
+    lora_rows<scalar_t, scalar_t>(y.mutable_data_ptr<scalar_t>() + start * y.stride(0), y.stride(0),
+                                  x.const_data_ptr<scalar_t>() + start * x.stride(0), x.stride(0),
+                                  a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), s, rows, rank, d_in, d_out);
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flora, m) {
-  m.def("lora_bgmv_(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor slots) -> ()", &lora_bgmv_);
+  m.def("lora_bgmv_(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor slots, int start) -> ()", &lora_bgmv_);
 }
