@@ -7,10 +7,11 @@ short story about X. Story number i:". Scenarios: no adapters (adapter-free
 engine); every request its own rank-1 FLoRA on q,k; every request its own rank-8
 LoRA on q,k,v,o; two rank-8 LoRA adapters split half/half. Each scenario runs with
 fp32 weights and with int8 weights (`base_weights.py`). All engines are built
-first, then the scenarios run round-robin `--rounds` times, so that load drift on
-a shared machine hits all of them alike; ratios to "no adapters" (same weights) are
-medians over rounds of same-round ratios. Also single-stream tokens/s and the
-process's peak RSS. Writes <out>/throughput.{json,md}.
+first; in each of `--rounds` rounds they all serve the workload at once, taking
+one step each in turn, so that load drift on a shared machine hits all of them
+alike; tokens/s count each engine's own step time, and ratios to "no adapters"
+(same weights) are medians over rounds of same-round ratios. Also single-stream
+tokens/s and the process's peak RSS. Writes <out>/throughput.{json,md}.
 """
 
 from __future__ import annotations
@@ -82,30 +83,52 @@ def build_engine(model_dir: Path, scenario: Scenario, requests: int, threads: in
     return engine
 
 
+def adapter_ids(scenario: Scenario, requests: int) -> list[str | None]:
+    return [f"a{i % scenario.num_adapters}" if scenario.num_adapters else None for i in range(requests)]
+
+
 def run_scenario(engine: LLMEngine, scenario: Scenario, requests: int, new_tokens: int) -> float:
-    """Generated tokens per second for `requests` concurrent requests of `new_tokens` each."""
+    """Generated tokens per second for `requests` concurrent requests of `new_tokens` each, on their own."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    adapter_ids = [f"a{i % scenario.num_adapters}" if scenario.num_adapters else None for i in range(requests)]
     start = time.perf_counter()
-    seqs = engine.generate(prompts(requests), adapter_ids, params)
+    seqs = engine.generate(prompts(requests), adapter_ids(scenario, requests), params)
     return sum(len(s.output_ids) for s in seqs) / (time.perf_counter() - start)
 
 
+def interleaved_round(runs: list[tuple[tuple, Scenario, LLMEngine]], requests: int, new_tokens: int) -> dict[tuple, float]:
+    """Every engine gets the same workload, then they take one step each in turn until all have
+    finished; -> each engine's tokens/s over its own steps' time. Step-by-step interleaving makes the
+    shared host's load drift (±30 % within minutes) hit every engine alike, so the ratios of one
+    round compare like with like (whole runs one after another differed by up to 20 % from drift)."""
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    seqs = {key: [engine.sequences[engine.add_request(p, a, params)] for p, a in zip(prompts(requests), adapter_ids(sc, requests))]
+            for key, sc, engine in runs}
+    busy = dict.fromkeys(seqs, 0.0)
+    active = [(key, engine) for key, _, engine in runs]
+    while active:
+        for key, engine in active:
+            start = time.perf_counter()
+            engine.step()
+            busy[key] += time.perf_counter() - start
+        active = [(key, engine) for key, engine in active if engine.has_unfinished()]
+    return {key: sum(len(s.output_ids) for s in seqs[key]) / busy[key] for key in seqs}
+
+
 def round_robin(engines: dict[Quantization, list[LLMEngine]], requests: int, new_tokens: int, rounds: int) -> list[dict]:
-    """Every (weights, scenario) once per round; -> per pair its tokens/s and ratio to the same weights'
-    no-adapter run, medians over rounds."""
-    runs = [(q, sc, e) for q, es in engines.items() for sc, e in zip(SCENARIOS, es)]
+    """`rounds` interleaved rounds of every (weights, scenario); -> per pair its tokens/s and ratio to the
+    same weights' no-adapter engine in the same round, medians over rounds."""
+    runs = [((q, sc.name), sc, e) for q, es in engines.items() for sc, e in zip(SCENARIOS, es)]
     for _, scenario, engine in runs:
         run_scenario(engine, scenario, 2, 4)  # warm-up
     per_round = []
     for r in range(rounds):
-        per_round.append({(q, sc.name): run_scenario(e, sc, requests, new_tokens) for q, sc, e in runs})
+        per_round.append(interleaved_round(runs, requests, new_tokens))
         print(f"  round {r + 1}: " + ", ".join(f"{t:.0f}" for t in per_round[-1].values()) + " tok/s", file=sys.stderr, flush=True)
     base = SCENARIOS[0].name
     return [
         dict(weights=q.value, scenario=sc.name, tokens_per_s=statistics.median(rd[q, sc.name] for rd in per_round),
              ratio=statistics.median(rd[q, sc.name] / rd[q, base] for rd in per_round), rounds=[rd[q, sc.name] for rd in per_round])
-        for q, sc, _ in runs
+        for (q, _), sc, _ in runs
     ]
 
 
@@ -131,7 +154,8 @@ def markdown(report: dict) -> str:
               f"{report['threads']} torch thread(s). Weights fp32 (exact) or int8 (int8 weights and per-row int8 activations, "
               "see docs/engine.md); activations and KV cache fp32 in both; LoRA slots fp32 with fp32 weights, bf16 with int8 "
               "(sums in fp32); FLoRA vectors fp32.", ""]
-    lines += [f"Medians over {report['rounds']} round-robin rounds.", ""]
+    lines += [f"Medians over {report['rounds']} rounds; in each, all engines serve the workload at once, one step each in turn "
+              "(tokens/s over each engine's own step time).", ""]
     lines += ["| weights | scenario | tokens/s | × no adapters (same weights, same round) |", "|---|---|---|---|"]
     lines += [f"| {r['weights']} | {r['scenario']} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f} |" for r in report["results"]]
     lines += ["", "Single stream (1 request, no adapter): " + "; ".join(f"{q}: {t:.1f} tokens/s" for q, t in report["single_stream_tokens_per_s"].items()) + ".", ""]

@@ -131,8 +131,7 @@ def paged_attention(
 
     q [T, H, D], k/v [T, kvH, D], k_cache/v_cache [slots, kvH, D] -> [T, H, D]
     """
-    k_cache.index_copy_(0, batch.slot_mapping, k)
-    v_cache.index_copy_(0, batch.slot_mapping, v)
+    native.ops().write_kv_.default(k_cache, v_cache, k, v, batch.slot_mapping)  # = index_copy_ of each at slot_mapping
     q = q.contiguous()
     if batch.decode is None:
         return padded_sdpa(q, k_cache, v_cache, batch.prefill, scale)  # every row is a prefill row, in order

@@ -24,8 +24,10 @@ def multi_adapter_linear(
 ) -> torch.Tensor:
     """x [T, d_in], weight W0 [d_out, d_in] (dense or int8), bias [d_out] | None -> y [T, d_out]."""
     _check_input(x, weight, batch)
-    if not batch.groups:  # no row of this step has an adapter in this layer's type
-        return weight.mm(x, bias)
+    if shares_base_gemm(batch):  # no adapter here, or LoRA terms added onto the plain product (decode's common case)
+        y = weight.mm(x, bias)
+        apply_adapters(x, y, weight, bias, slots, batch)
+        return y
     xs = x if batch.order is None else x.index_select(0, batch.order)  # rows grouped by adapter
     y = torch.empty(x.shape[0], weight.d_out, dtype=x.dtype, device=x.device)
     if batch.num_base_rows:  # 0 when every row is FLoRA's

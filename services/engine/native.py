@@ -42,10 +42,11 @@ class NativeBuildError(RuntimeError):
 def ops() -> torch._ops._OpNamespace:
     """torch.ops.flora: every kernel of csrc/, built into one library on first use.
 
-    quantize_rows, dequantize_into   int8_ops.cpp        the int8 GEMM's input and epilogue
+    quantize_rows, dequantize_into   int8_ops.cpp        the int8 GEMM's input and epilogue (+ FLoRA's scales)
     lora_bgmv_                       lora_ops.cpp        LoRA rows, each reading its own adapter
-    paged_decode_attention_          attention_ops.cpp   decode rows over the paged KV cache
+    write_kv_, paged_decode_attention_  attention_ops.cpp   the paged KV cache: this step's K/V in, decode rows
     rms_norm, rope, silu_mul         norm_ops.cpp, rope_ops.cpp, activation_ops.cpp
+    argmax_rows                      argmax_ops.cpp      greedy sampling
     """
     from torch.utils.cpp_extension import load
 

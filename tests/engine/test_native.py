@@ -295,3 +295,62 @@ def test_a_machine_without_the_build_tools_gets_a_clear_error(tmp_path):
     env = {"PATH": str(tmp_path), "FLORA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert "could not build the engine's C++ kernels" in done.stdout and "apt-get install g++ ninja-build" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("width", [1, 15, 16, 17, 100, 49152])
+def test_argmax_rows_is_torch_argmax(width, threads):
+    """First index of the maximum, NaN counting as the maximum: ties, -inf rows, a NaN row, a maximum
+    in the vector body and in the scalar tail, and rows read with a stride."""
+    gen = torch.Generator().manual_seed(width)
+    wide = torch.randn(9, width + 3, generator=gen)
+    logits = wide[:, 2 : width + 2]  # rows width + 3 apart
+    logits[1] = float("-inf")
+    logits[2, width // 2] = float("nan")
+    logits[3] = logits[3].round()  # many ties
+    logits[4, -1] = 100.0  # the maximum in the tail
+    logits[5, :] = 1.0
+    logits[5, width // 3] = 2.0
+    logits[5, -1] = 2.0  # two maxima: the first one counts
+    logits[6, 0] = -0.0  # signed zeros compare equal
+    logits[6, 1:] = float("-inf")
+    assert torch.equal(native.ops().argmax_rows(logits), logits.argmax(dim=-1))
+
+
+def test_argmax_rows_refuses_bad_input_clearly():
+    with pytest.raises(RuntimeError, match="logits must be Float, got Double"):
+        native.ops().argmax_rows(torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"logits must be \[B, V\] with V >= 1"):
+        native.ops().argmax_rows(torch.zeros(2, 0))
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        native.ops().argmax_rows(torch.zeros(3, 2).T)
+
+
+@pytest.mark.parametrize("kv_heads,dtype", [(3, torch.float32), (1, torch.float32), (2, torch.bfloat16)])
+def test_write_kv_is_index_copy_at_the_slots(kv_heads, dtype):
+    """Keys and values land where index_copy_ puts them, read from strided views of a fused output
+    (the heads of k and v interleaved with q's, as GPTBigCode lays them out); other slots untouched."""
+    gen = torch.Generator().manual_seed(kv_heads)
+    tokens, dim, num_slots = 7, 8, 20
+    fused = torch.randn(tokens, kv_heads, 3, dim, generator=gen).to(dtype)  # per head: [q | k | v]
+    k, v = fused[:, :, 1], fused[:, :, 2]  # [T, kvH, D], rows and heads strided
+    slots = torch.randperm(num_slots, generator=gen)[:tokens]
+    k_cache, v_cache = torch.randn(2, num_slots, kv_heads, dim, generator=gen).to(dtype).unbind(0)
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    k_ref, v_ref = k_cache.clone().index_copy_(0, slots, k), v_cache.clone().index_copy_(0, slots, v)
+    native.ops().write_kv_(k_cache, v_cache, k, v, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+def test_write_kv_refuses_bad_input_clearly():
+    cache, kv = torch.zeros(4, 2, 8), torch.zeros(3, 2, 8)
+    op = native.ops().write_kv_
+    with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 4\), got \[0, 4\]"):
+        op(cache, cache.clone(), kv, kv, torch.tensor([0, 4, 1]))
+    with pytest.raises(RuntimeError, match=r"slots must be a contiguous int64 \[3\]"):
+        op(cache, cache.clone(), kv, kv, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="does not fit the cache"):
+        op(cache, cache.clone(), torch.zeros(3, 1, 8), torch.zeros(3, 1, 8), torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="must share one dtype"):
+        op(cache, cache.clone(), kv.double(), kv.double(), torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="each head's D values contiguous"):
+        op(cache, cache.clone(), torch.zeros(3, 8, 2).transpose(1, 2), kv, torch.tensor([0, 1, 2]))
