@@ -102,19 +102,19 @@ class DenseWeight:
 
 
 class Int8Weight:
-    """W0 ≈ Wq · w_scale. Wq [d_out, d_in] row-major goes into torch._int_mm as the transposed
-    view Wqᵀ: oneDNN reads that layout without reordering it (one GEMM: 1.1-1.3x faster at 32
-    rows, 4x at one row, than a contiguous [d_in, d_out] copy; SmolLM2's int8 decode step: the
-    same at 32 rows, 1.45x faster for a single stream). The per-row quantization and the
-    epilogue are the fused kernels of csrc/int8_ops.cpp."""
+    """W0 ≈ Wq · w_scale. The whole linear is one C++ op (csrc/int8_ops.cpp: int8_linear_into):
+    per-row activation quantization, torch._int_mm per block of output columns (one block per
+    thread), the fp32 epilogue. Wq [d_out, d_in] row-major goes into _int_mm as the transposed
+    view Wqᵀ, which oneDNN reads without reordering it (one GEMM: 1.1-1.3x faster at 32 rows, 4x
+    at one row, than a contiguous [d_in, d_out] copy), and a block of columns is then a block of
+    Wq's rows."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
         self.qweight = qweight  # [d_out, d_in] int8, rows contiguous
-        self._qweight_t = qweight.T  # [d_in, d_out] view: _int_mm's B operand, made once
         self.scale = scale  # [d_out] fp32
         self.d_out, self.d_in = qweight.shape
         self.dtype, self.device = torch.float32, qweight.device  # activations and outputs are fp32
-        self._quantize_rows, self._dequantize_into = native.ops().quantize_rows.default, native.ops().dequantize_into.default
+        self._linear_into = native.ops().int8_linear_into.default
 
     @staticmethod
     def quantize(weight: torch.Tensor) -> "Int8Weight":
@@ -130,8 +130,7 @@ class Int8Weight:
         return Int8Weight(self.qweight[start:end], self.scale[start:end])
 
     def mm_into(self, out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        xq, x_scale = self._quantize_rows(x)
-        self._dequantize_into(out, torch._int_mm(xq, self._qweight_t), x_scale, self.scale, bias)
+        self._linear_into(out, x, self.qweight, self.scale, bias)
 
     def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.d_out, dtype=x.dtype, device=x.device)
@@ -142,8 +141,7 @@ class Int8Weight:
         self, out: torch.Tensor, x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None
     ) -> None:
         # The scales ride along in the quantization and the epilogue: bitwise DenseWeight's order of ops.
-        xq, x_scale = self._quantize_rows(x, in_scale, slots)
-        self._dequantize_into(out, torch._int_mm(xq, self._qweight_t), x_scale, self.scale, bias, out_scale, slots)
+        self._linear_into(out, x, self.qweight, self.scale, bias, in_scale, out_scale, slots)
 
     def dense(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]

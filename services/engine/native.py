@@ -42,7 +42,8 @@ class NativeBuildError(RuntimeError):
 def ops() -> torch._ops._OpNamespace:
     """torch.ops.flora: every kernel of csrc/, built into one library on first use.
 
-    quantize_rows, dequantize_into   int8_ops.cpp        the int8 GEMM's input and epilogue (+ FLoRA's scales)
+    int8_linear_into                 int8_ops.cpp        the whole int8 linear, GEMM split by columns across threads
+    quantize_rows, dequantize_into   int8_ops.cpp        its input quantization and epilogue (+ FLoRA's scales)
     lora_bgmv_                       lora_ops.cpp        LoRA rows, each reading its own adapter
     write_kv_, paged_decode_attention_  attention_ops.cpp   the paged KV cache: this step's K/V in, decode rows
     rms_norm, rope, silu_mul         norm_ops.cpp, rope_ops.cpp, activation_ops.cpp

@@ -96,6 +96,42 @@ def test_row_scaled_quantize_and_epilogue_are_bitwise_the_torch_composition(rows
     assert torch.equal(out, ref if bias is None else ref + bias)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("rows,d_in,d_out", [(1, 8, 8), (32, 576, 960), (5, 64, 129), (40, 576, 192), (0, 16, 128)])
+def test_int8_linear_is_bitwise_its_three_steps(rows, d_in, d_out, scaled, threads):
+    """int8_linear_into splits the GEMM by output columns (one block per thread); every block's
+    integer sums are exact, so it equals quantize_rows -> _int_mm -> dequantize_into bitwise."""
+    gen = torch.Generator().manual_seed(rows + d_out)
+    x = torch.randn(rows, d_in, generator=gen)
+    qweight = torch.randint(-127, 128, (d_out, d_in), dtype=torch.int8, generator=gen)
+    w_scale, bias = torch.rand(d_out, generator=gen), torch.randn(d_out, generator=gen)
+    in_scale, out_scale = torch.randn(3, d_in, generator=gen), torch.randn(3, d_out, generator=gen)
+    slots = torch.randint(3, (rows,), generator=gen)
+    row_args = (in_scale, out_scale, slots) if scaled else (None, None, None)
+    fused = torch.full((rows, d_out + 4), 7.0)
+    out = fused[:, 2:-2]  # a column block: the columns around it stay
+    native.ops().int8_linear_into(out, x, qweight, w_scale, bias, *row_args)
+    ref = torch.empty(rows, d_out)
+    xq, x_scale = native.ops().quantize_rows(x, row_args[0], row_args[2])
+    native.ops().dequantize_into(ref, torch._int_mm(xq, qweight.T), x_scale, w_scale, bias, row_args[1], row_args[2])
+    assert torch.equal(out, ref)
+    assert (fused[:, :2] == 7).all() and (fused[:, -2:] == 7).all()
+
+
+def test_int8_linear_refuses_bad_input_clearly():
+    op, x, w, scale = native.ops().int8_linear_into, torch.ones(2, 8), torch.ones(4, 8, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(RuntimeError, match=r"does not fit the weight \[d_out, d_in\]"):
+        op(torch.empty(2, 4), torch.ones(2, 7), w, scale, None)
+    with pytest.raises(RuntimeError, match=r"out has shape \[2, 5\], expected \[2, 4\]"):
+        op(torch.empty(2, 5), x, w, scale, None)
+    with pytest.raises(RuntimeError, match="qweight must be Char"):
+        op(torch.empty(2, 4), x, w.float(), scale, None)
+    with pytest.raises(RuntimeError, match=r"w_scale must be a contiguous float32 \[4\]"):
+        op(torch.empty(2, 4), x, w, torch.ones(3), None)
+    with pytest.raises(RuntimeError, match=r"bias must be a contiguous float32 \[4\]"):
+        op(torch.empty(2, 4), x, w, scale, torch.ones(4, dtype=torch.float64))
+
+
 def test_row_scales_refuse_bad_input_clearly():
     ops, x, acc = native.ops(), torch.ones(3, 4), torch.zeros(3, 4, dtype=torch.int32)
     scale, slots = torch.ones(2, 4), torch.tensor([0, 1, 1])
