@@ -8,8 +8,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -17,9 +15,11 @@
 #include <cstdint>
 #include <limits>
 
+#include "vec_ops.h"
+
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
+using Vec = flora_vec::Vec<float>;
 constexpr int64_t kLanes = Vec::size();
 
 int64_t first_nan(const float* p, int64_t n) {

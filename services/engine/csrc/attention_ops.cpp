@@ -20,13 +20,13 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "vec_ops.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -95,8 +95,7 @@ void write_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, co
   const int64_t tokens = k.size(0), heads = k.size(1), num_slots = k_cache.size(0);
   if (tokens == 0) return;
   const int64_t* s = slots.const_data_ptr<int64_t>();
-  const auto [lo, hi] = std::minmax_element(s, s + tokens);
-  TORCH_CHECK(*lo >= 0 && *hi < num_slots, "slots must lie in [0, ", num_slots, "), got [", *lo, ", ", *hi, "]");
+  flora_checks::slots_in_range(s, tokens, num_slots);
   const int64_t size = k.element_size(), head_bytes = k.size(2) * size;
   auto copy = [&](at::Tensor& cache, const at::Tensor& src) {
     auto* dst = static_cast<char*>(cache.data_ptr());

@@ -14,6 +14,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,6 +37,16 @@ void check_rows(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.stride(1) == 1, name, " must have contiguous rows (stride 1 along dim 1)");
 }
 
+// The epilogue's per-column operands for `width` output columns.
+void check_epilogue(const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t width) {
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == width && w_scale.is_contiguous(),
+              "w_scale must be a contiguous float32 [", width, "]");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == width && bias->is_contiguous(),
+                "bias must be a contiguous float32 [", width, "]");
+  }
+}
+
 // A pool of per-slot row scales [S, width] float32 and each row's slot, checked; null when absent.
 const float* row_scales(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& slots, int64_t rows,
                         int64_t width, const char* name) {
@@ -45,11 +57,7 @@ const float* row_scales(const std::optional<at::Tensor>& scale, const std::optio
               scale->sizes());
   TORCH_CHECK(slots->device().is_cpu() && slots->scalar_type() == at::kLong && slots->dim() == 1 && slots->size(0) == rows &&
                   slots->is_contiguous(), "slots must be a contiguous int64 [", rows, "], got ", slots->scalar_type(), " ", slots->sizes());
-  const int64_t* s = slots->const_data_ptr<int64_t>();
-  if (rows > 0) {
-    const auto [lo, hi] = std::minmax_element(s, s + rows);
-    TORCH_CHECK(*lo >= 0 && *hi < scale->size(0), "slots must lie in [0, ", scale->size(0), "), got [", *lo, ", ", *hi, "]");
-  }
+  flora_checks::slots_in_range(slots->const_data_ptr<int64_t>(), rows, scale->size(0));
   return scale->const_data_ptr<float>();
 }
 
@@ -119,13 +127,8 @@ void dequantize_into(at::Tensor& out, const at::Tensor& acc, const at::Tensor& x
   TORCH_CHECK(out.size(0) == rows && out.size(1) == width, "out has shape ", out.sizes(), ", acc ", acc.sizes());
   TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.numel() == rows && x_scale.is_contiguous(),
               "x_scale must be a contiguous float32 [", rows, ", 1]");
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == width && w_scale.is_contiguous(),
-              "w_scale must be a contiguous float32 [", width, "]");
+  check_epilogue(w_scale, bias, width);
   const bool has_bias = bias.has_value();
-  if (has_bias) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == width && bias->is_contiguous(),
-                "bias must be a contiguous float32 [", width, "]");
-  }
   const float* row_scale = row_scales(out_scale, slots, rows, width, "out_scale");
   const int64_t* slot = row_scale ? slots->const_data_ptr<int64_t>() : nullptr;
   const int32_t* in = acc.const_data_ptr<int32_t>();
@@ -155,12 +158,7 @@ void int8_linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qw
   const int64_t rows = x.size(0), width = qweight.size(0);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == qweight.size(1), "x ", x.sizes(), " does not fit the weight [d_out, d_in] ", qweight.sizes());
   TORCH_CHECK(out.size(0) == rows && out.size(1) == width, "out has shape ", out.sizes(), ", expected [", rows, ", ", width, "]");
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == width && w_scale.is_contiguous(),
-              "w_scale must be a contiguous float32 [", width, "]");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == width && bias->is_contiguous(),
-                "bias must be a contiguous float32 [", width, "]");
-  }
+  check_epilogue(w_scale, bias, width);
   const auto [xq, x_scale] = quantize_rows(x, in_scale, slots);
   const float* row_scale = row_scales(out_scale, slots, rows, width, "out_scale");
   if (rows == 0) return;

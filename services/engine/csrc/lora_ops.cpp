@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "vec_ops.h"
 
 namespace {
@@ -87,8 +88,7 @@ void lora_bgmv_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const a
               "lora_bgmv_ runs on the CPU");
   if (rows == 0 || rank == 0) return;
   const int64_t* s = slots.const_data_ptr<int64_t>();
-  const auto [lo, hi] = std::minmax_element(s, s + rows);
-  TORCH_CHECK(*lo >= 0 && *hi < num_slots, "slots must lie in [0, ", num_slots, "), got [", *lo, ", ", *hi, "]");
+  flora_checks::slots_in_range(s, rows, num_slots);
   if (widened) {
     lora_rows<float, at::BFloat16>(y.mutable_data_ptr<float>() + start * y.stride(0), y.stride(0), x.const_data_ptr<float>() + start * x.stride(0), x.stride(0),
                                    a.const_data_ptr<at::BFloat16>(), b.const_data_ptr<at::BFloat16>(), s, rows, rank, d_in, d_out);
