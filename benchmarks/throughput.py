@@ -42,9 +42,9 @@ from services.engine.scheduler import SchedulerConfig
 TOPICS = ["a dragon", "the sea", "a robot", "a lost key", "winter", "a city", "a friendship", "a storm"]
 QK = ("self_attn.q_proj", "self_attn.k_proj")
 QKVO = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-# LoRA slot storage per weight format: int8 is the CPU serving format, its LoRA slots bf16
-# (EngineConfig.lora_dtype: half the adapter bytes per step); fp32 is exact throughout.
-LORA_DTYPE = {Quantization.NONE: "auto", Quantization.INT8: "bfloat16"}
+# LoRA slot storage per weight format: int8 is the CPU serving format, its LoRA slots int8 too
+# (EngineConfig.lora_dtype: a quarter of fp32's adapter bytes per step); fp32 is exact throughout.
+LORA_DTYPE = {Quantization.NONE: "auto", Quantization.INT8: "int8"}
 # Peers on this 2-core machine (from the issue), tokens/s: no adapters / two rank-8 LoRA mixed.
 PEERS = {"vLLM-CPU 0.32": (455, 212), "llama.cpp server": (430, 290)}
 
@@ -152,8 +152,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Engine throughput — {report['machine']}", "", f"Command: `{report['command']}`", ""]
     lines += [f"SmolLM2-135M-Instruct, {report['requests']} concurrent requests × {report['new_tokens']} new tokens (ignore_eos), greedy, "
               f"{report['threads']} torch thread(s). Weights fp32 (exact) or int8 (int8 weights and per-row int8 activations, "
-              "see docs/engine.md); activations and KV cache fp32 in both; LoRA slots fp32 with fp32 weights, bf16 with int8 "
-              "(sums in fp32); FLoRA vectors fp32.", ""]
+              "see docs/engine.md); activations and KV cache fp32 in both; LoRA slots fp32 with fp32 weights, int8 with int8 "
+              "(one scale per rank row, sums in fp32); FLoRA vectors fp32.", ""]
     lines += [f"Medians over {report['rounds']} rounds; in each, all engines serve the workload at once, one step each in turn "
               "(tokens/s over each engine's own step time).", ""]
     lines += ["| weights | scenario | tokens/s | × no adapters (same weights, same round) |", "|---|---|---|---|"]

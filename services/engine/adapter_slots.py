@@ -15,6 +15,7 @@ means "no adapter".
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -22,6 +23,7 @@ import torch
 
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_weights import FloraWeights, Ia3Weights, LayerAdapter, LoraWeights
+from services.engine.base_weights import quantize_last_dim
 
 NO_ADAPTER = -1
 
@@ -44,8 +46,9 @@ class SlotLayout:
     """Which pools exist; maps global slot ids to (pool, local slot)."""
 
     pools: tuple[SlotPool, ...]
-    # LoRA pools' storage dtype, None: the layer's own. bf16 under fp32 layers halves the bytes a
-    # decode step streams when every row reads its own adapter (EngineConfig.lora_dtype).
+    # LoRA pools' storage dtype, None: the layer's own. bf16 or int8 under fp32 layers halves or
+    # quarters the bytes a decode step streams when every row reads its own adapter
+    # (EngineConfig.lora_dtype).
     lora_dtype: torch.dtype | None = None
 
     @cached_property
@@ -96,24 +99,55 @@ class FloraPool:
 
 
 class LoraPool:
-    """a [S, R, d_in] (lora_A), b [S, R, d_out] (scale · lora_Bᵀ: the scale is folded in at load)."""
+    """a [S, R, d_in] (lora_A), b [S, R, d_out] (scale · lora_Bᵀ: the scale is folded in at load).
+
+    Stored in the layer's dtype, in bf16, or in int8 with one fp32 scale per (slot, rank row):
+    a[s, r] ≈ a[s, r] (int8) · a_scale[s, r], symmetric absmax / 127, likewise b
+    (`quantize_last_dim`; a_scale and b_scale [S, R] exist for int8 only).
+    """
 
     def __init__(self, pool: SlotPool, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device):
         shape = (pool.num_slots, pool.max_rank)
         self.a = torch.zeros(*shape, d_in, dtype=dtype, device=device)
         self.b = torch.zeros(*shape, d_out, dtype=dtype, device=device)
+        quantized = dtype is torch.int8
+        self.a_scale = torch.zeros(shape, device=device) if quantized else None
+        self.b_scale = torch.zeros(shape, device=device) if quantized else None
 
     def load(self, local: int, w: LoraWeights) -> None:
         _check_shape("lora_A", w.a, (w.rank, self.a.shape[2]))
         _check_shape("lora_B", w.b, (self.b.shape[2], w.rank))
         self.clear(local)
-        self.a[local, : w.rank].copy_(w.a)
         b = w.b.T.to(torch.promote_types(w.b.dtype, torch.float32))  # scaled in >= fp32, rounded into the slot once
-        self.b[local, : w.rank].copy_(w.scale * b)
+        self._store(self.a, self.a_scale, local, w.a)
+        self._store(self.b, self.b_scale, local, w.scale * b)
+
+    @staticmethod
+    def _store(stored: torch.Tensor, scale: torch.Tensor | None, local: int, rows: torch.Tensor) -> None:
+        """rows [r, d] into slot `local`'s first r rank rows (quantized for an int8 pool)."""
+        if scale is None:
+            stored[local, : len(rows)].copy_(rows)
+            return
+        q, row_scale = quantize_last_dim(rows)
+        stored[local, : len(rows)].copy_(q)
+        scale[local, : len(rows)].copy_(row_scale)
 
     def clear(self, local: int) -> None:
         self.a[local].zero_()
         self.b[local].zero_()
+        if self.a_scale is not None:
+            self.a_scale[local].zero_()
+            self.b_scale[local].zero_()
+
+    def read(self, pick: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the slots `pick` selects along dim 0, in `dtype` ([..., R, d_in], [..., R, d_out]):
+        dequantized from int8, converted from bf16, as stored otherwise. For the kernel paths that
+        gather slices; lora_bgmv reads the pool in place instead."""
+        if self.a_scale is None:
+            return pick(self.a).to(dtype), pick(self.b).to(dtype)
+        a = pick(self.a).to(dtype) * pick(self.a_scale).unsqueeze(-1).to(dtype)
+        b = pick(self.b).to(dtype) * pick(self.b_scale).unsqueeze(-1).to(dtype)
+        return a, b
 
 
 class Ia3Pool:

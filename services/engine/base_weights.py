@@ -121,10 +121,10 @@ class Int8Weight:
         """float32 [d_out, d_in] -> symmetric per-output-channel int8 (absmax / 127)."""
         if weight.dim() != 2 or weight.dtype != torch.float32:
             raise TypeError(f"int8 quantization takes a float32 [d_out, d_in] weight, got {weight.dtype} {tuple(weight.shape)}")
-        scale = (weight.abs().amax(1).clamp_min(_TINY) / INT8_MAX).contiguous()
+        qweight, scale = quantize_last_dim(weight)
         # .contiguous(): the model's dense weights are laid out as their transpose (BuildSpec.linear),
         # and pointwise ops keep that layout; int8 wants rows contiguous (see the class docstring).
-        return Int8Weight(torch.round(weight / scale[:, None]).to(torch.int8).contiguous(), scale)
+        return Int8Weight(qweight.contiguous(), scale.contiguous())
 
     def rows(self, start: int, end: int) -> "Int8Weight":
         return Int8Weight(self.qweight[start:end], self.scale[start:end])
@@ -145,6 +145,14 @@ class Int8Weight:
 
     def dense(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]
+
+
+def quantize_last_dim(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., d] float -> (q [..., d] int8, scale [...] fp32), w ≈ q · scale[..., None]: symmetric,
+    absmax / 127 per vector along the last dim (computed in w's precision, the scale stored in fp32).
+    How weights are stored in int8: W0 per output channel here, LoRA per rank row (adapter_slots)."""
+    scale = w.abs().amax(-1).clamp_min(_TINY) / INT8_MAX
+    return torch.round(w / scale.unsqueeze(-1)).to(torch.int8), scale.float()
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

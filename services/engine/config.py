@@ -12,6 +12,7 @@ from services.engine.base_weights import Quantization
 from services.engine.scheduler import SchedulerConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NARROW_LORA_DTYPES = {"bfloat16": torch.bfloat16, "int8": torch.int8}  # LoRA slot storage under float32 layers
 
 
 def default_pools(slots_per_pool: int = 8) -> tuple[SlotPool, ...]:
@@ -32,8 +33,10 @@ class EngineConfig:
     # How the linears store their weights: dense in `dtype` (exact), or int8 with per-row
     # int8 activations (base_weights.py; 1.75x the fp32 32-request throughput on this VNNI CPU: docs/engine.md).
     quantization: Quantization = Quantization.NONE
-    # LoRA slot storage: "auto" keeps `dtype`; "bfloat16" under float32 halves the adapter bytes a
-    # step reads (vLLM's --lora-dtype). Sums stay fp32; FLoRA and IA3 vectors are small and keep `dtype`.
+    # LoRA slot storage: "auto" keeps `dtype`; under float32, "bfloat16" halves the adapter bytes a
+    # step reads (vLLM's --lora-dtype) and "int8" quarters them (one scale per rank row, as
+    # llama.cpp's q8_0 LoRA files; adapter_slots.LoraPool). Sums stay fp32; FLoRA and IA3 vectors
+    # are small and keep `dtype`.
     lora_dtype: str = "auto"
     threads: int = 1
 
@@ -44,8 +47,10 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {[q.value for q in Quantization]}, got {self.quantization!r}")
         if self.quantization is Quantization.INT8 and self.dtype != "float32":
             raise ValueError(f"int8 weights compute in float32 (their epilogue and the adapters), got dtype={self.dtype!r}")
-        if self.lora_dtype not in ("auto", self.dtype) and (self.lora_dtype, self.dtype) != ("bfloat16", "float32"):
-            raise ValueError(f"lora_dtype must be 'auto', the model dtype {self.dtype!r}, or 'bfloat16' under float32; got {self.lora_dtype!r}")
+        if self.lora_dtype not in ("auto", self.dtype) and not (self.lora_dtype in NARROW_LORA_DTYPES and self.dtype == "float32"):
+            raise ValueError(
+                f"lora_dtype must be 'auto', the model dtype {self.dtype!r}, or 'bfloat16' or 'int8' under float32; got {self.lora_dtype!r}"
+            )
         if self.block_size < 1 or self.kv_cache_bytes < 1 or self.threads < 1:
             raise ValueError(f"block_size, kv_cache_bytes and threads must be >= 1 (got {self.block_size}, {self.kv_cache_bytes}, {self.threads})")
         if len(set(self.adapter_modules)) != len(self.adapter_modules):
@@ -57,4 +62,4 @@ class EngineConfig:
 
     @property
     def layout(self) -> SlotLayout:
-        return SlotLayout(self.pools, None if self.lora_dtype == "auto" else DTYPES[self.lora_dtype])
+        return SlotLayout(self.pools, None if self.lora_dtype == "auto" else (DTYPES | NARROW_LORA_DTYPES)[self.lora_dtype])

@@ -183,11 +183,21 @@ def _time_path(path: KernelPath | None, s: GroupShape, weight: BaseWeight, repea
     slots = LayerSlots(layout, s.d_in, s.d_out, weight.dtype)
     for p in slots.pools:
         for t in vars(p).values():
-            t.normal_()
+            _randomize(t)
     ids = 2 * (torch.arange(s.rows) * s.adapters // s.rows)  # U equal segments
     group = AdapterBatch.build(ids, layout, FixedPaths(path, path), s.d_in, s.d_out).groups[0]
     kernel, pool = KERNELS[path], slots.pools[0]
     return _min_seconds(lambda: kernel(x, y, weight, None, pool, group), repeats)
+
+
+def _randomize(stored: torch.Tensor | None) -> None:
+    """Fill a pool tensor with random values in place (None: the scales a float pool has not)."""
+    if stored is None:
+        return
+    if stored.dtype is torch.int8:
+        stored.random_(-127, 128)
+    else:
+        stored.normal_()
 
 
 def _min_seconds(fn, repeats: int) -> float:

@@ -10,6 +10,7 @@ pool, U = distinct adapters among the n rows.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -73,8 +74,7 @@ def lora_bmm(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.T
     The paper's baseline (appendix A.2): every row's A and B are gathered into
     [n, R, d] copies (views when row i uses slot lo + i) and applied with two torch.bmm.
     """
-    a = g.gather(pool.a).to(x.dtype)  # [n, R, d_in]; .to: a bf16 pool under fp32 rows (a no-op otherwise)
-    b = g.gather(pool.b).to(x.dtype)  # [n, R, d_out]
+    a, b = pool.read(g.gather, x.dtype)  # [n, R, d_in], [n, R, d_out]
     h = torch.bmm(x[g.start : g.end].unsqueeze(1), a.transpose(1, 2))  # [n, 1, R]
     # bmm then add, not baddbmm_: y may be a column slice of a fused projection's output, and an
     # in-place bmm into a strided view takes a slow path (measured 5x: docs/engine.md).
@@ -88,7 +88,7 @@ def lora_bgmv(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.
     A and B where they lie in the pool (csrc/lora_ops.cpp), so nothing is gathered or copied
     and the whole group is one call whatever its adapter mix. Sums in fp32.
     """
-    native.ops().lora_bgmv_.default(y, x, pool.a, pool.b, g.slots, g.start)  # rows [g.start, g.start + n)
+    native.ops().lora_bgmv_.default(y, x, pool.a, pool.b, g.slots, g.start, pool.a_scale, pool.b_scale)  # rows [g.start, g.start + n)
 
 
 def lora_segment(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
@@ -100,7 +100,8 @@ def lora_segment(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: tor
     """
     for seg in g.segments:
         rows = slice(seg.start, seg.end)
-        y[rows] += (x[rows] @ pool.a[seg.slot].T.to(x.dtype)) @ pool.b[seg.slot].to(x.dtype)  # [m, R] @ [R, d_out]
+        a, b = pool.read(operator.itemgetter(seg.slot), x.dtype)  # [R, d_in], [R, d_out]
+        y[rows] += (x[rows] @ a.T) @ b  # [m, R] @ [R, d_out]
 
 
 def lora_stacked(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:
@@ -112,11 +113,10 @@ def lora_stacked(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: tor
     of the gathering paths: the fastest path for a few adapters (say 2 tenants' LoRA
     splitting a batch), the slowest for many.
     """
-    a = g.gather_adapters(pool.a).flatten(0, 1).to(x.dtype)  # [U·R, d_in]
-    b = g.gather_adapters(pool.b).flatten(0, 1).to(x.dtype)  # [U·R, d_out]
+    a, b = pool.read(g.gather_adapters, x.dtype)  # [U, R, d_in], [U, R, d_out]
     rows = x[g.start : g.end]
-    h = (rows @ a.T).view(len(rows), len(g.segments), -1).mul_(g.adapter_mask.unsqueeze(-1))  # [n, U, R]
-    y[g.start : g.end] += h.flatten(1) @ b  # not addmm_: see lora_bmm
+    h = (rows @ a.flatten(0, 1).T).view(len(rows), len(g.segments), -1).mul_(g.adapter_mask.unsqueeze(-1))  # [n, U, R]
+    y[g.start : g.end] += h.flatten(1) @ b.flatten(0, 1)  # not addmm_: see lora_bmm
 
 
 def ia3(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: Ia3Pool, g: PoolGroup) -> None:

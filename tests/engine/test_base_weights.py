@@ -156,8 +156,11 @@ def test_engine_config_validates_quantization():
 
 def test_engine_config_validates_lora_dtype():
     assert EngineConfig(lora_dtype="bfloat16").layout.lora_dtype is torch.bfloat16
+    assert EngineConfig(lora_dtype="int8").layout.lora_dtype is torch.int8
     assert EngineConfig().layout.lora_dtype is None and EngineConfig(lora_dtype="float32").layout.lora_dtype is torch.float32
-    with pytest.raises(ValueError, match="lora_dtype must be 'auto', the model dtype 'float32', or 'bfloat16' under float32; got 'float16'"):
+    with pytest.raises(ValueError, match="lora_dtype must be 'auto', the model dtype 'float32', or 'bfloat16' or 'int8' under float32; got 'float16'"):
         EngineConfig(lora_dtype="float16")
+    with pytest.raises(ValueError, match="got 'int8'"):  # the kernels widen int8 to fp32 only
+        EngineConfig(dtype="bfloat16", lora_dtype="int8")
     with pytest.raises(ValueError, match="got 'float32'"):  # the kernels widen bf16 to fp32, never narrow
         EngineConfig(dtype="bfloat16", lora_dtype="float32")

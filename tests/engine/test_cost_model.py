@@ -9,6 +9,7 @@ import torch
 
 from services.engine.adapter_batch import PATHS_BY_KIND, GroupShape, KernelPath
 from services.engine.adapter_format import AdapterKind
+from services.engine.base_weights import Quantization
 from services.engine.cost_model import CostModel, PathCost, calibrate
 
 
@@ -23,6 +24,14 @@ def test_calibration_fits_every_path(measured):
         assert cost.overhead_s >= 0 and cost.per_mac_s >= 0
         assert cost.overhead_s + cost.per_mac_s > 0
     assert measured.threads == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("lora_dtype", [torch.bfloat16, torch.int8])
+def test_calibration_with_narrow_lora_slots(lora_dtype):
+    """The served engine's slot storage is what gets timed, and recorded in the profile."""
+    model = calibrate(torch.float32, Quantization.INT8, d_in=64, d_out=64, repeats=1, lora_dtype=lora_dtype)
+    assert set(model.paths) == set(KernelPath) and model.lora_dtype == str(lora_dtype).removeprefix("torch.")
+    assert model.choose(GroupShape(AdapterKind.LORA, 32, 32, 8, 64, 64)) in PATHS_BY_KIND[AdapterKind.LORA]
 
 
 def test_choices_are_valid_for_kind(measured):

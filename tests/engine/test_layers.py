@@ -69,10 +69,12 @@ def test_random_mixed_batches_match_reference(d_in, d_out, slot_ids, dtype, bias
     check_all_paths(MIXED_LAYOUT, slot_ids, d_in, d_out, dtype, seed, bias)
 
 
-def test_lora_slots_in_bfloat16_under_float32_rows_on_every_path():
-    """SlotLayout.lora_dtype: LoRA pools store bf16 (FLoRA and IA3 keep the layer's dtype), every
-    LoRA path reads them under fp32 rows; the only error is the weights' bf16 rounding."""
-    layout = SlotLayout(MIXED_LAYOUT.pools, lora_dtype=torch.bfloat16)
+# bf16 keeps 8 bits of mantissa; int8 rounds each weight by at most half a step (its row's absmax / 254)
+@pytest.mark.parametrize("lora_dtype,tol", [(torch.bfloat16, 4e-3), (torch.int8, 1.5e-2)])
+def test_narrow_lora_slots_under_float32_rows_on_every_path(lora_dtype, tol):
+    """SlotLayout.lora_dtype: LoRA pools store bf16 or int8 (FLoRA and IA3 keep the layer's dtype),
+    every LoRA path reads them under fp32 rows; the only error is the weights' rounding."""
+    layout = SlotLayout(MIXED_LAYOUT.pools, lora_dtype=lora_dtype)
     d_in, d_out = 40, 56
     gen = torch.Generator().manual_seed(11)
     weight, bias = torch.randn(d_out, d_in, generator=gen) / d_in**0.5, torch.randn(d_out, generator=gen)
@@ -81,14 +83,35 @@ def test_lora_slots_in_bfloat16_under_float32_rows_on_every_path():
     for slot, adapter in adapters.items():
         slots.load(slot, adapter)
     assert [p.a.dtype if hasattr(p, "a") else p.scale_in.dtype for p in slots.pools] == [
-        torch.bfloat16 if pool.kind is AdapterKind.LORA else torch.float32 for pool in layout.pools
+        lora_dtype if pool.kind is AdapterKind.LORA else torch.float32 for pool in layout.pools
     ]
     slot_ids = list(range(-1, layout.num_slots)) * 2
     x = torch.randn(len(slot_ids), d_in, generator=gen)
     ref = reference_linear(x.double(), weight.double(), bias.double(), [adapters.get(s) for s in slot_ids])
-    for chooser in ALL_CHOOSERS:
-        y = multi_adapter_linear(x, DenseWeight(weight), bias, slots, AdapterBatch.build(slot_ids, layout, chooser, d_in, d_out))
-        assert y.dtype == torch.float32 and rel_err(y.double(), ref) <= 4e-3, chooser  # bf16: 8 bits of mantissa
+    outputs = [multi_adapter_linear(x, DenseWeight(weight), bias, slots, AdapterBatch.build(slot_ids, layout, chooser, d_in, d_out)) for chooser in ALL_CHOOSERS]
+    for chooser, y in zip(ALL_CHOOSERS, outputs):
+        assert y.dtype == torch.float32 and rel_err(y.double(), ref) <= tol, chooser
+        assert rel_err(y.double(), outputs[0].double()) <= 1e-6, chooser  # the paths read the same stored weights
+
+
+def test_int8_lora_slot_holds_every_rank_row_to_half_a_step():
+    """An int8 LoRA pool stores each rank row of A and of scale · Bᵀ with its own scale (absmax / 127):
+    every dequantized weight is within half a step of the original; reloading a smaller rank clears
+    the old rows and their scales."""
+    layout = SlotLayout((SlotPool(AdapterKind.LORA, 4, 2),), lora_dtype=torch.int8)
+    slots = LayerSlots(layout, 24, 40, torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    big, small = random_adapter(AdapterKind.LORA, 4, 24, 40, torch.float32, gen), random_adapter(AdapterKind.LORA, 2, 24, 40, torch.float32, gen)
+    pool = slots.pools[0]
+    for adapter in (big, small):
+        slots.load(1, adapter)
+        a, b = pool.read(lambda stored: stored[1], torch.float64)  # [4, 24], [4, 40]
+        for deq, orig, scale in ((a, adapter.a, pool.a_scale[1]), (b, adapter.scale * adapter.b.T, pool.b_scale[1])):
+            r = adapter.rank
+            assert torch.allclose(scale[:r].double(), orig.abs().amax(1).double() / 127)
+            assert ((deq[:r] - orig.double()).abs() <= scale[:r, None].double() / 2 * (1 + 1e-6)).all()
+            assert (deq[r:] == 0).all() and (scale[r:] == 0).all()
+    assert pool.a.dtype is torch.int8 and (pool.a[0] == 0).all() and (pool.a_scale[0] == 0).all()  # the other slot untouched
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3, 8, 16, 32])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from services.engine import native
 from services.engine.adapter_format import AdapterKind
-from services.engine.base_weights import dequantize, quantize_rows
+from services.engine.base_weights import dequantize, quantize_last_dim, quantize_rows
 from services.engine.models import rms_norm_reference
 from services.engine.models.llama import apply_rope
 from services.engine.reference import reference_linear
@@ -226,6 +226,25 @@ def test_lora_bgmv_reads_bfloat16_adapters_under_float32_rows(d_in, d_out, threa
     assert rel_err(y_bf16.double(), delta) <= 1e-2  # bf16 keeps 8 bits of mantissa
 
 
+@pytest.mark.parametrize("d_in,d_out", [(576, 192), (40, 24)])  # whole vectors, and tails within one
+def test_lora_bgmv_reads_int8_adapters_under_float32_rows(d_in, d_out, threads):
+    """EngineConfig.lora_dtype="int8": int8 A and B with one scale per (slot, rank row). The kernel
+    equals the plain-torch LoRA term on the dequantized weights to fp32 rounding; against the
+    original weights the only error is their int8 rounding."""
+    gen = torch.Generator().manual_seed(d_out)
+    a, b, adapters = lora_pool(6, 8, d_in, d_out, torch.float32, gen)
+    (a8, a_scale), (b8, b_scale) = quantize_last_dim(a), quantize_last_dim(b)
+    x = torch.randn(20, d_in, generator=gen)
+    slots = torch.randint(6, (20,), generator=gen)
+    y = torch.zeros(20, d_out)
+    native.ops().lora_bgmv_(y, x, a8, b8, slots, 0, a_scale, b_scale)
+    a_deq, b_deq = a8.double() * a_scale.double()[..., None], b8.double() * b_scale.double()[..., None]
+    exact = torch.einsum("tr,tro->to", torch.einsum("ti,tri->tr", x.double(), a_deq[slots]), b_deq[slots])
+    assert rel_err(y.double(), exact) <= 1e-6
+    delta = reference_linear(x.double(), torch.zeros(d_out, d_in, dtype=torch.float64), None, [adapters[s] for s in slots.tolist()])
+    assert rel_err(y.double(), delta) <= 2e-2  # int8: per element at most half a step, absmax / 254
+
+
 def test_lora_bgmv_refuses_bad_input_clearly():
     a, b = torch.zeros(2, 4, 8), torch.zeros(2, 4, 6)
     x, y = torch.zeros(3, 8), torch.zeros(3, 6)
@@ -240,8 +259,16 @@ def test_lora_bgmv_refuses_bad_input_clearly():
         op(y, torch.zeros(3, 7), a, b, torch.tensor([0, 1, 1]), 0)
     with pytest.raises(RuntimeError, match="x and y must share one dtype"):
         op(y, x.double(), a, b, torch.tensor([0, 1, 1]), 0)
-    with pytest.raises(RuntimeError, match=r"a and b must be Double like x \(or bfloat16 under float32 x\), got Float"):
+    with pytest.raises(RuntimeError, match=r"a and b must be Double like x \(or bfloat16 or int8 under float32 x\), got Float"):
         op(y.double(), x.double(), a, b, torch.tensor([0, 1, 1]), 0)
+    a8, b8, scales = a.to(torch.int8), b.to(torch.int8), torch.ones(2, 4)
+    op(y, x, a8, b8, torch.tensor([0, 1, 1]), 0, scales, scales)  # valid
+    with pytest.raises(RuntimeError, match="int8 a and b need a_scale and b_scale"):
+        op(y, x, a8, b8, torch.tensor([0, 1, 1]), 0)
+    with pytest.raises(RuntimeError, match="a_scale and b_scale go with int8 a and b only"):
+        op(y, x, a, b, torch.tensor([0, 1, 1]), 0, scales, scales)
+    with pytest.raises(RuntimeError, match=r"a_scale and b_scale must be contiguous float32 \[2, 4\] \(slots, rank\), got Float \[4, 2\]"):
+        op(y, x, a8, b8, torch.tensor([0, 1, 1]), 0, scales, scales.T)
     with pytest.raises(RuntimeError, match="a and b another"):
         op(y, x, a, b.bfloat16(), torch.tensor([0, 1, 1]), 0)
     with pytest.raises(RuntimeError, match="slots must be contiguous int64"):

@@ -4,12 +4,16 @@
 // product in one scalar reduction chain and kept outputs in memory (measured 4-6x slower).
 //
 // Types: Acc is what sums are kept in (float for fp32/bf16 data, double for fp64); the
-// stored operands W are Acc itself or bf16, widened to fp32 lane by lane as they are loaded.
+// stored operands W are Acc itself, bf16 or int8, widened to fp32 lane by lane as they are
+// loaded (int8 as its integer value: the caller applies its scale).
 
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -25,6 +29,16 @@ template <typename Acc, typename W>
 inline Vec<Acc> load(const W* p, int64_t count = Vec<Acc>::size()) {
   if constexpr (std::is_same_v<W, Acc>) {
     return Vec<Acc>::loadu(p, count);
+  } else if constexpr (std::is_same_v<W, int8_t>) {
+    static_assert(std::is_same_v<Acc, float>, "int8 is widened to fp32");
+#if defined(CPU_CAPABILITY_AVX512)
+    if (count == Vec<float>::size()) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(CPU_CAPABILITY_AVX2)
+    if (count == Vec<float>::size()) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#endif
+    float lanes[Vec<float>::size()] = {};
+    for (int64_t i = 0; i < count; ++i) lanes[i] = static_cast<float>(p[i]);
+    return Vec<float>::loadu(lanes);
   } else {
     static_assert(std::is_same_v<Acc, float>, "only 16-bit floats are widened, to fp32");
     if (count == Vec<float>::size()) {
