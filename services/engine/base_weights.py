@@ -21,6 +21,8 @@ batch (a per-tensor scale would let one tenant's outlier coarsen another's outpu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
@@ -35,6 +37,17 @@ _TINY = 1e-12  # an all-zero row gets this scale: it quantizes to zeros instead 
 class Quantization(str, Enum):
     NONE = "none"  # weights in the model dtype
     INT8 = "int8"  # w8a8 as above
+
+
+@dataclass(frozen=True)
+class FloraRows:
+    """Rank-1 FLoRA on rows [start, T) of a GEMM's output: row t is
+    out_scale[s] ∘ ((x[t] ∘ in_scale[s]) @ W0ᵀ) + bias with s = slots[t - start] (kernels.flora)."""
+
+    start: int
+    in_scale: torch.Tensor  # [S, d_in]
+    out_scale: torch.Tensor  # [S, d_out]
+    slots: torch.Tensor  # [T - start] int64
 
 
 class BaseWeight(Protocol):
@@ -58,6 +71,15 @@ class BaseWeight(Protocol):
     ) -> None:
         """out[t] = out_scale[slots[t]] ∘ ((x[t] ∘ in_scale[slots[t]]) @ W0ᵀ) + bias, in place: rank-1 FLoRA.
         in_scale [S, d_in] and out_scale [S, d_out] are pools of per-slot vectors, slots [T] int64."""
+        ...
+
+    def parts_mm(
+        self, x: torch.Tensor, bias: torch.Tensor | None, splits: Sequence[int], flora: Sequence[FloraRows | None]
+    ) -> tuple[torch.Tensor, ...]:
+        """W0's rows as consecutive parts of splits[p] rows each (a fused projection's q, k, v):
+        per part, x @ W0_pᵀ + bias_p [T, splits[p]], its rows from flora[p].start on rank-1 FLoRA
+        (flora[p] None: plain). Parts whose inputs differ cannot share one GEMM; this computes
+        them all in one call."""
         ...
 
     def dense(self) -> torch.Tensor:
@@ -93,6 +115,22 @@ class DenseWeight:
         out.mul_(out_scale.index_select(0, slots))
         if bias is not None:
             out.add_(bias)
+
+    def parts_mm(
+        self, x: torch.Tensor, bias: torch.Tensor | None, splits: Sequence[int], flora: Sequence[FloraRows | None]
+    ) -> tuple[torch.Tensor, ...]:
+        outs = []
+        biases = [None] * len(splits) if bias is None else bias.split(list(splits))
+        for w, b, f in zip(self.weight.split(list(splits)), biases, flora):
+            part = DenseWeight(w)
+            if f is None:
+                outs.append(part.mm(x, b))
+                continue
+            y = torch.empty(x.shape[0], part.d_out, dtype=x.dtype, device=x.device)
+            part.mm_into(y[: f.start], x[: f.start], b)
+            part.scaled_mm_into(y[f.start :], x[f.start :], f.in_scale, f.out_scale, f.slots, b)
+            outs.append(y)
+        return tuple(outs)
 
     def dense(self) -> torch.Tensor:
         return self.weight
@@ -142,6 +180,19 @@ class Int8Weight:
     ) -> None:
         # The scales ride along in the quantization and the epilogue: bitwise DenseWeight's order of ops.
         self._linear_into(out, x, self.qweight, self.scale, bias, in_scale, out_scale, slots)
+
+    def parts_mm(
+        self, x: torch.Tensor, bias: torch.Tensor | None, splits: Sequence[int], flora: Sequence[FloraRows | None]
+    ) -> tuple[torch.Tensor, ...]:
+        # One op: each part's input quantized (FLoRA rows scaled), one GEMM per part, whole parts
+        # spread over the threads (csrc/int8_ops.cpp: int8_parts_into); bitwise the per-part ops.
+        out = torch.empty(x.shape[0], self.d_out, dtype=x.dtype, device=x.device)
+        starts = [x.shape[0] if f is None else f.start for f in flora]
+        in_scales = [None if f is None else f.in_scale for f in flora]
+        out_scales = [None if f is None else f.out_scale for f in flora]
+        slots = [None if f is None else f.slots for f in flora]
+        native.ops().int8_parts_into.default(out, x, self.qweight, self.scale, bias, list(splits), starts, in_scales, out_scales, slots)
+        return out.split(list(splits), dim=1)
 
     def dense(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]

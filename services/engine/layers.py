@@ -9,12 +9,14 @@ group runs the kernel path its cost model picked (`kernels.KERNELS`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from services.engine.adapter_batch import AdapterBatch
+from services.engine.adapter_batch import AdapterBatch, KernelPath, PoolGroup
 from services.engine.adapter_slots import LayerSlots, SlotLayout
-from services.engine.base_weights import BaseWeight, DenseWeight, Quantization, base_weight
+from services.engine.base_weights import BaseWeight, DenseWeight, FloraRows, Quantization, base_weight
 from services.engine.context import get_adapter_batch
 from services.engine.kernels import KERNELS, scale_ia3_inputs
 
@@ -26,19 +28,21 @@ def multi_adapter_linear(
     _check_input(x, weight, batch)
     if shares_base_gemm(batch):  # no adapter here, or LoRA terms added onto the plain product (decode's common case)
         y = weight.mm(x, bias)
-        apply_adapters(x, y, weight, bias, slots, batch)
+        apply_adapters(x, y, weight, bias, slots, batch.groups)
         return y
     xs = x if batch.order is None else x.index_select(0, batch.order)  # rows grouped by adapter
     y = torch.empty(x.shape[0], weight.d_out, dtype=x.dtype, device=x.device)
     if batch.num_base_rows:  # 0 when every row is FLoRA's
         weight.mm_into(y[: batch.num_base_rows], _base_input(xs, slots, batch), bias)
-    apply_adapters(xs, y, weight, bias, slots, batch)
+    apply_adapters(xs, y, weight, bias, slots, batch.groups)
     return y if batch.restore is None else y.index_select(0, batch.restore)
 
 
-def apply_adapters(xs: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, slots: LayerSlots, batch: AdapterBatch) -> None:
-    """Run every pool group's kernel on the sorted rows; y's base rows already hold xs @ W0ᵀ + bias."""
-    for group in batch.groups:
+def apply_adapters(
+    xs: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, slots: LayerSlots, groups: Sequence[PoolGroup]
+) -> None:
+    """Run each pool group's kernel on the sorted rows; y's base rows already hold xs @ W0ᵀ + bias."""
+    for group in groups:
         KERNELS[group.path](xs, y, weight, bias, slots.pools[group.pool], group)
 
 
@@ -47,6 +51,28 @@ def shares_base_gemm(batch: AdapterBatch) -> bool:
     no FLoRA rows (they replace the base GEMM), no IA3 rows (a slot may scale the GEMM's input), no
     reordering. A fused projection can then compute the base product of all its parts at once."""
     return batch.order is None and batch.num_base_rows == batch.num_rows and not batch.input_scaled
+
+
+def rank1_flora_rows(batch: AdapterBatch, slots: LayerSlots) -> FloraRows | None:
+    """The batch's FLoRA rows as one `FloraRows` block (its last group: FLoRA rows come last),
+    None when it has none. Only when `fits_parts_mm` holds."""
+    if batch.num_base_rows == batch.num_rows:
+        return None
+    group = batch.groups[-1]
+    pool = slots.pools[group.pool]
+    return FloraRows(group.start, pool.b[0], pool.a[0], group.slots)
+
+
+def fits_parts_mm(batch: AdapterBatch, slots: LayerSlots) -> bool:
+    """Whether a part of a fused projection can be computed by `BaseWeight.parts_mm`: rows in order,
+    no IA3 rows (a slot may scale the GEMM's input), and its FLoRA rows (if any) one rank-1 group
+    on the FLoRA path (not merged per segment); its LoRA groups add to the base rows after."""
+    if batch.order is not None or batch.input_scaled:
+        return False
+    if batch.num_base_rows == batch.num_rows:
+        return True
+    group = batch.groups[-1]
+    return group.start == batch.num_base_rows and group.path is KernelPath.FLORA and slots.pools[group.pool].b.shape[0] == 1
 
 
 def _base_input(xs: torch.Tensor, slots: LayerSlots, batch: AdapterBatch) -> torch.Tensor:
@@ -108,8 +134,10 @@ class Projections(nn.Module):
     `quantize` (after loading) moves the parts' weights into one [Σ d_out, d_in] matrix (dense or
     int8) and gives each part a view of its rows, so a step runs one GEMM instead of several (and
     int8 quantizes x once). Parts with adapters join in when this step's adapters only add to the
-    base product (LoRA: `shares_base_gemm`); when some row's FLoRA or IA3 adapter changes a part's
-    W0 or input, every part computes on its own. The parts stay where the checkpoint names them
+    base product (LoRA: `shares_base_gemm`). Rank-1 FLoRA rows change a part's input and output
+    scaling, so the parts cannot share one GEMM, but they still run as one call (`parts_mm`: in
+    int8 one op that spreads whole parts over the threads). Anything else (IA3 on the input, FLoRA
+    of higher rank or merged per segment) and every part computes on its own. The parts stay where the checkpoint names them
     (q_proj.weight, ...), so loading and adapter addressing are unchanged.
     """
 
@@ -135,12 +163,20 @@ class Projections(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [T, d_in] -> per part [T, d_out_i]"""
         adapted = [(i, part.step_batch()) for i, part in self.adapted]
-        if not all(shares_base_gemm(batch) for _, batch in adapted):
+        if all(shares_base_gemm(batch) for _, batch in adapted):
+            ys = self.base.mm(x, self.bias).split(self.splits, dim=1)  # column views of one [T, Σ d_out]
+            additive = [batch.groups for _, batch in adapted]
+        elif all(fits_parts_mm(batch, self.parts[i].slots) for i, batch in adapted):  # rank-1 FLoRA rows: one call
+            flora: list[FloraRows | None] = [None] * len(self.parts)
+            for i, batch in adapted:
+                flora[i] = rank1_flora_rows(batch, self.parts[i].slots)
+            ys = self.base.parts_mm(x, self.bias, self.splits, flora)
+            additive = [batch.groups if flora[i] is None else batch.groups[:-1] for i, batch in adapted]
+        else:
             return tuple(part(x) for part in self.parts)
-        ys = self.base.mm(x, self.bias).split(self.splits, dim=1)  # column views of one [T, Σ d_out]
-        for i, batch in adapted:
+        for (i, _), groups in zip(adapted, additive):
             part = self.parts[i]
-            apply_adapters(x, ys[i], part.base, part.bias, part.slots, batch)
+            apply_adapters(x, ys[i], part.base, part.bias, part.slots, groups)
         return ys
 
 

@@ -32,7 +32,7 @@ class Timings:
     finished: float | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # a sequence is itself: the scheduler's `in` / `remove` compare identities, not every field
 class Sequence:
     seq_id: int
     prompt_ids: list[int]

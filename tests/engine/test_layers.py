@@ -14,9 +14,9 @@ from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_slots import LayerSlots, SlotLayout, SlotPool
 from services.engine.adapter_weights import FloraWeights, Ia3Weights
 from services.engine.base_weights import DenseWeight, Quantization, base_weight
-from services.engine.context import using_adapter_batch
+from services.engine.context import StepContext, using_adapter_batch, using_step
 from services.engine.cost_model import FixedPaths
-from services.engine.layers import Linear, MultiAdapterLinear, Projections, multi_adapter_linear, shares_base_gemm
+from services.engine.layers import Linear, MultiAdapterLinear, Projections, fits_parts_mm, multi_adapter_linear, shares_base_gemm
 from services.engine.reference import reference_linear
 from tests.engine.helpers import fill_slots, random_adapter, rel_err
 
@@ -173,6 +173,42 @@ def test_projections_fuse_plain_parts_into_one_gemm(quantization):
     assert torch.allclose(a, fused[:, :6] + bias, rtol=1e-6, atol=1e-6) and torch.allclose(b, fused[:, 6:], rtol=1e-6, atol=1e-6)
     assert torch.allclose(a, x @ weights[0].T + bias, atol=0.1) and torch.allclose(b, x @ weights[1].T, atol=0.1)
     assert torch.equal(parts[1](x), b)  # a part alone computes from its view
+
+
+@pytest.mark.parametrize("quantization", list(Quantization))
+def test_projections_with_rank1_flora_rows_run_as_one_call(quantization):
+    """Rank-1 FLoRA rows (last) after base and LoRA rows: the parts run as one `parts_mm` call,
+    bitwise what each part computes alone, also when another part's rows are all base rows.
+    FLoRA merged per segment, or an IA3 row (it may scale the input), falls back to the parts alone."""
+    gen = torch.Generator().manual_seed(2)
+    layout = SlotLayout((SlotPool(AdapterKind.LORA, 4, 2), SlotPool(AdapterKind.IA3, 1, 1), SlotPool(AdapterKind.FLORA, 1, 3)))
+    q = MultiAdapterLinear(torch.randn(8, 8, generator=gen), None, layout, batch_index=0)
+    k = MultiAdapterLinear(torch.randn(4, 8, generator=gen), torch.randn(4, generator=gen), layout, batch_index=1)
+    v = Linear(torch.randn(4, 8, generator=gen), None)
+    proj = Projections(q, k, v)
+    proj.quantize(quantization)
+    for layer in (q, k):
+        for slot in (0, 1):
+            layer.slots.load(slot, random_adapter(AdapterKind.LORA, 4, 8, layer.d_out, torch.float32, gen))
+        layer.slots.load(2, Ia3Weights(1 + 0.5 * torch.randn(layer.d_out, generator=gen), on_input=False))
+        for slot in (3, 4, 5):
+            layer.slots.load(slot, random_adapter(AdapterKind.FLORA, 1, 8, layer.d_out, torch.float32, gen))
+    x = torch.randn(8, 8, generator=gen)
+    mixed, with_ia3 = [-1, 0, 1, 1, 3, 3, 4, 5], [-1, 0, 1, 2, 3, 3, 4, 5]  # in the order the engine lays rows out
+    cases = (
+        (mixed, mixed, FixedPaths(), True),
+        (mixed, [-1] * 8, FixedPaths(), True),
+        (mixed, mixed, FixedPaths(flora=KernelPath.FLORA_SEGMENT), False),
+        (with_ia3, with_ia3, FixedPaths(), False),
+    )
+    for q_slots, k_slots, paths, one_call in cases:
+        batches = tuple(AdapterBatch.build(s, layout, paths, 8, 8) for s in (q_slots, k_slots))
+        with using_step(StepContext(batches)):
+            assert fits_parts_mm(batches[0], q.slots) == one_call
+            got = proj(x)
+            alone = (q(x), k(x), v(x))
+        for g, a in zip(got, alone):
+            assert torch.equal(g, a)
 
 
 @pytest.mark.parametrize("quantization", list(Quantization))

@@ -132,6 +132,61 @@ def test_int8_linear_refuses_bad_input_clearly():
         op(torch.empty(2, 4), x, w, scale, torch.ones(4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize(
+    "rows,d_in,splits,starts",
+    [
+        (32, 576, (576, 192, 192), (0, 5, None)),  # SmolLM2's q, k, v: FLoRA on q (all rows) and k (from row 5), v plain
+        (7, 64, (129,), (3,)),  # one part: halved across the threads, a width not a multiple of the vector
+        (9, 48, (40, 24, 8, 100), (9, None, 0, 4)),  # more parts than threads; FLoRA rows empty (start = rows)
+        (0, 16, (64, 64), (0, None)),
+    ],
+)
+def test_int8_parts_is_bitwise_each_part_alone(rows, d_in, splits, starts, threads):
+    """int8_parts_into (a fused projection's parts, some rank-1 FLoRA from a row on) spreads whole
+    parts over the threads; each part equals int8_linear_into on its columns, bitwise: plain on the
+    rows before `start`, scaled from it on."""
+    gen = torch.Generator().manual_seed(rows + len(splits))
+    width = sum(splits)
+    x = torch.randn(rows, d_in, generator=gen)
+    qweight = torch.randint(-127, 128, (width, d_in), dtype=torch.int8, generator=gen)
+    w_scale, bias = torch.rand(width, generator=gen), torch.randn(width, generator=gen)
+    scaled = [start is not None for start in starts]
+    in_scales = [torch.randn(3, d_in, generator=gen) if on else None for on in scaled]
+    out_scales = [torch.randn(3, n, generator=gen) if on else None for n, on in zip(splits, scaled)]
+    slots = [torch.randint(3, (rows - start,), generator=gen) if start is not None else None for start in starts]
+    starts = [rows if start is None else start for start in starts]
+    out = torch.empty(rows, width)
+    native.ops().int8_parts_into(out, x, qweight, w_scale, bias, list(splits), starts, in_scales, out_scales, slots)
+    ref, col = torch.empty(rows, width), 0
+    for n, start, in_scale, out_scale, part_slots in zip(splits, starts, in_scales, out_scales, slots):
+        cols = slice(col, col + n)
+        native.ops().int8_linear_into(ref[:start, cols], x[:start], qweight[cols], w_scale[cols], bias[cols])
+        if in_scale is not None:
+            native.ops().int8_linear_into(ref[start:, cols], x[start:], qweight[cols], w_scale[cols], bias[cols], in_scale, out_scale, part_slots)
+        col += n
+    assert torch.equal(out, ref)
+
+
+def test_int8_parts_refuse_bad_input_clearly():
+    op, x, w, scale = native.ops().int8_parts_into, torch.ones(2, 8), torch.ones(6, 8, dtype=torch.int8), torch.ones(6)
+    in_scale, out_scale, slots = torch.ones(3, 8), torch.ones(3, 4), torch.tensor([0, 2])
+    op(torch.empty(2, 6), x, w, scale, None, [4, 2], [0, 2], [in_scale, None], [out_scale, None], [slots, None])  # valid
+    with pytest.raises(RuntimeError, match=r"the parts' widths sum to 5, the weight has 6 rows"):
+        op(torch.empty(2, 6), x, w, scale, None, [4, 1], [2, 2], [None, None], [None, None], [None, None])
+    with pytest.raises(RuntimeError, match=r"need one entry per part \(2\)"):
+        op(torch.empty(2, 6), x, w, scale, None, [4, 2], [2], [None, None], [None, None], [None, None])
+    with pytest.raises(RuntimeError, match=r"part 0's FLoRA rows start at 3, outside \[0, 2\]"):
+        op(torch.empty(2, 6), x, w, scale, None, [4, 2], [3, 2], [None, None], [None, None], [None, None])
+    with pytest.raises(RuntimeError, match="part 0: in_scale and out_scale come together"):
+        op(torch.empty(2, 6), x, w, scale, None, [4, 2], [0, 2], [in_scale, None], [None, None], [slots, None])
+    with pytest.raises(RuntimeError, match=r"slots must be a contiguous int64 \[1\]"):  # rows [1, 2) are FLoRA: one slot each
+        op(torch.empty(2, 6), x, w, scale, None, [4, 2], [1, 2], [in_scale, None], [out_scale, None], [slots, None])
+    with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 3\), got \[0, 3\]"):
+        op(torch.empty(2, 6), x, w, scale, None, [4, 2], [0, 2], [in_scale, None], [out_scale, None], [torch.tensor([0, 3]), None])
+    with pytest.raises(RuntimeError, match=r"out_scale must be a contiguous float32 \[slots, 4\]"):
+        op(torch.empty(2, 6), x, w, scale, None, [4, 2], [0, 2], [in_scale, None], [torch.ones(3, 2), None], [slots, None])
+
+
 def test_row_scales_refuse_bad_input_clearly():
     ops, x, acc = native.ops(), torch.ones(3, 4), torch.zeros(3, 4, dtype=torch.int32)
     scale, slots = torch.ones(2, 4), torch.tensor([0, 1, 1])

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -61,9 +62,28 @@ const float* row_scales(const std::optional<at::Tensor>& scale, const std::optio
   return scale->const_data_ptr<float>();
 }
 
+// One row: v = in (* sc, when given) -> out int8, returns its scale.
+//   scale = max(absmax(v), tiny) / 127;  out = round_half_even(v / scale)
+float quantize_row(int8_t* out, const float* in, const float* sc, int64_t width) {
+  float absmax = 0.0f;
+  if (sc) {  // v = x * scale, rounded to fp32 as torch's `x * scale` is, computed in both passes
+#pragma omp simd reduction(max : absmax)
+    for (int64_t k = 0; k < width; ++k) absmax = std::max(absmax, std::fabs(in[k] * sc[k]));
+    const float s = std::max(absmax, kTiny) / kInt8Max;
+#pragma omp simd
+    for (int64_t k = 0; k < width; ++k) out[k] = static_cast<int8_t>(std::nearbyint((in[k] * sc[k]) / s));
+    return s;
+  }
+#pragma omp simd reduction(max : absmax)
+  for (int64_t k = 0; k < width; ++k) absmax = std::max(absmax, std::fabs(in[k]));
+  const float s = std::max(absmax, kTiny) / kInt8Max;
+#pragma omp simd
+  for (int64_t k = 0; k < width; ++k) out[k] = static_cast<int8_t>(std::nearbyint(in[k] / s));
+  return s;
+}
+
 // x [M, K] float32 (scaled row-wise: v = x[m] * scale[slots[m]] when given) ->
-// (xq [M, K] int8, x_scale [M, 1] float32), v ~= xq * x_scale.
-//   x_scale = max(absmax(v[m]), tiny) / 127;  xq = round_half_even(v / x_scale)
+// (xq [M, K] int8, x_scale [M, 1] float32), v ~= xq * x_scale (quantize_row).
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, const std::optional<at::Tensor>& row_scale,
                                                  const std::optional<at::Tensor>& slots) {
   check_rows(x, at::kFloat, "x");
@@ -77,25 +97,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, const std:
   float* scales = scale.mutable_data_ptr<float>();
   at::parallel_for(0, rows, row_grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      const float* in = src + m * stride;
-      int8_t* out = dst + m * width;
-      float absmax = 0.0f;
-      if (in_scales) {  // v = x * scale, rounded to fp32 as torch's `x * scale` is, computed in both passes
-        const float* sc = in_scales + slot[m] * width;
-#pragma omp simd reduction(max : absmax)
-        for (int64_t k = 0; k < width; ++k) absmax = std::max(absmax, std::fabs(in[k] * sc[k]));
-        const float s = std::max(absmax, kTiny) / kInt8Max;
-        scales[m] = s;
-#pragma omp simd
-        for (int64_t k = 0; k < width; ++k) out[k] = static_cast<int8_t>(std::nearbyint((in[k] * sc[k]) / s));
-        continue;
-      }
-#pragma omp simd reduction(max : absmax)
-      for (int64_t k = 0; k < width; ++k) absmax = std::max(absmax, std::fabs(in[k]));
-      const float s = std::max(absmax, kTiny) / kInt8Max;
-      scales[m] = s;
-#pragma omp simd
-      for (int64_t k = 0; k < width; ++k) out[k] = static_cast<int8_t>(std::nearbyint(in[k] / s));
+      scales[m] = quantize_row(dst + m * width, src + m * stride, in_scales ? in_scales + slot[m] * width : nullptr, width);
     }
   });
   return {xq, scale};
@@ -184,6 +186,114 @@ void int8_linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qw
   });
 }
 
+// One part of a fused projection for int8_parts_into: output columns [col, col + width) of Wq.
+// Rows from `start` on are rank-1 FLoRA rows, scaled by their slot's in_scale [S, d_in] and
+// out_scale [S, width] rows (slots[m - start]); the rows before, or all rows without scales, are plain.
+struct Part {
+  int64_t col, width, start;
+  const float* in_scale;
+  const float* out_scale;
+  const int64_t* slots;
+};
+
+struct Block {  // columns [n0, n1) of one part, run by one thread
+  const Part* part;
+  int64_t n0, n1;
+};
+
+// Blocks per thread: whole parts, widest first, each to the thread with the least work so far,
+// counting a GEMM call as kCallColumns columns on top of its width (measured at 32 rows x 576, one
+// thread: ~17 us + 0.14 us per column, so q, k, v of SmolLM2 (576, 192, 192) split as q | k + v:
+// 95 | 96 us). While there are fewer blocks than threads, the widest block is halved.
+std::vector<std::vector<Block>> schedule(const std::vector<Part>& parts, int64_t threads) {
+  constexpr int64_t kCallColumns = 120, kMinBlock = 64;
+  std::vector<Block> blocks;
+  for (const Part& p : parts) blocks.push_back({&p, p.col, p.col + p.width});
+  auto wider = [](const Block& a, const Block& b) { return a.n1 - a.n0 > b.n1 - b.n0; };
+  std::sort(blocks.begin(), blocks.end(), wider);
+  while (static_cast<int64_t>(blocks.size()) < threads && blocks.front().n1 - blocks.front().n0 >= 2 * kMinBlock) {
+    const Block widest = blocks.front();
+    const int64_t mid = widest.n0 + (widest.n1 - widest.n0) / 2;
+    blocks.front() = {widest.part, widest.n0, mid};
+    blocks.push_back({widest.part, mid, widest.n1});
+    std::sort(blocks.begin(), blocks.end(), wider);
+  }
+  const int64_t used = std::min<int64_t>(threads, blocks.size());
+  std::vector<std::vector<Block>> per_thread(used);
+  std::vector<int64_t> load(used, 0);
+  for (const Block& b : blocks) {
+    const int64_t j = std::min_element(load.begin(), load.end()) - load.begin();
+    per_thread[j].push_back(b);
+    load[j] += kCallColumns + (b.n1 - b.n0);
+  }
+  return per_thread;
+}
+
+// out [M, N] float32 = the parts of a fused projection, each an int8 linear of x [M, K] with its
+// columns of Wq [N, K] (and w_scale, bias), some of them rank-1 FLoRA on their last rows (Part):
+// per block, the part's input quantized (FLoRA rows scaled by in_scale), one single-threaded
+// _int_mm, the block's epilogue (FLoRA rows by out_scale). The parts' inputs differ, so they
+// cannot share one GEMM; run one after another (one int8_linear_into each) the narrow ones were
+// split across both threads at 192 columns, where a GEMM call's fixed cost dominates: q, k, v of
+// SmolLM2 took 153 us that way, 92 us as one plain fused GEMM. Each row's arithmetic is
+// int8_linear_into's, so the result is bitwise the per-part ops'.
+void int8_parts_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& w_scale,
+                     const std::optional<at::Tensor>& bias, at::IntArrayRef splits, at::IntArrayRef starts,
+                     const c10::List<std::optional<at::Tensor>>& in_scales, const c10::List<std::optional<at::Tensor>>& out_scales,
+                     const c10::List<std::optional<at::Tensor>>& slots) {
+  check_rows(out, at::kFloat, "out");
+  check_rows(x, at::kFloat, "x");
+  check_rows(qweight, at::kChar, "qweight");
+  const int64_t rows = x.size(0), d_in = x.size(1), width = qweight.size(0), num_parts = splits.size();
+  TORCH_CHECK(d_in == qweight.size(1), "x ", x.sizes(), " does not fit the weight [d_out, d_in] ", qweight.sizes());
+  TORCH_CHECK(out.size(0) == rows && out.size(1) == width, "out has shape ", out.sizes(), ", expected [", rows, ", ", width, "]");
+  check_epilogue(w_scale, bias, width);
+  TORCH_CHECK(num_parts >= 1 && static_cast<int64_t>(starts.size()) == num_parts && static_cast<int64_t>(in_scales.size()) == num_parts &&
+                  static_cast<int64_t>(out_scales.size()) == num_parts && static_cast<int64_t>(slots.size()) == num_parts,
+              "splits, starts, in_scales, out_scales and slots need one entry per part (", num_parts, ")");
+  std::vector<Part> parts;
+  int64_t col = 0;
+  for (int64_t p = 0; p < num_parts; ++p) {
+    TORCH_CHECK(splits[p] >= 1, "part ", p, " has width ", splits[p]);
+    TORCH_CHECK(starts[p] >= 0 && starts[p] <= rows, "part ", p, "'s FLoRA rows start at ", starts[p], ", outside [0, ", rows, "]");
+    const std::optional<at::Tensor> in = in_scales.get(p), out_s = out_scales.get(p), sl = slots.get(p);
+    TORCH_CHECK(in.has_value() == out_s.has_value(), "part ", p, ": in_scale and out_scale come together");
+    const int64_t scaled_rows = in.has_value() ? rows - starts[p] : 0;
+    parts.push_back({col, splits[p], starts[p], row_scales(in, sl, scaled_rows, d_in, "in_scale"),
+                     row_scales(out_s, sl, scaled_rows, splits[p], "out_scale"), sl.has_value() ? sl->const_data_ptr<int64_t>() : nullptr});
+    if (!in.has_value()) parts.back().start = rows;  // every row plain
+    col += splits[p];
+  }
+  TORCH_CHECK(col == width, "the parts' widths sum to ", col, ", the weight has ", width, " rows");
+  if (rows == 0) return;
+  const float* src = x.const_data_ptr<float>();
+  const float* ws = w_scale.const_data_ptr<float>();
+  const float* b = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
+  float* dst = out.mutable_data_ptr<float>();
+  const auto per_thread = schedule(parts, at::get_num_threads());
+  at::parallel_for(0, per_thread.size(), 1, [&](int64_t first, int64_t last) {
+    at::Tensor xq = at::empty({rows, d_in}, x.options().dtype(at::kChar));
+    std::vector<float> xs(rows);
+    for (int64_t j = first; j < last; ++j) {
+      for (const Block& block : per_thread[j]) {
+        const Part& p = *block.part;
+        int8_t* q = xq.mutable_data_ptr<int8_t>();
+        for (int64_t m = 0; m < rows; ++m) {
+          const float* sc = m < p.start ? nullptr : p.in_scale + p.slots[m - p.start] * d_in;
+          xs[m] = quantize_row(q + m * d_in, src + m * x.stride(0), sc, d_in);
+        }
+        const at::Tensor acc = at::_int_mm(xq, qweight.slice(0, block.n0, block.n1).t());  // [M, n1 - n0] int32
+        const int32_t* a = acc.const_data_ptr<int32_t>();
+        for (int64_t m = 0; m < rows; ++m) {
+          const float* rs = m < p.start ? nullptr : p.out_scale + p.slots[m - p.start] * p.width + (block.n0 - p.col);
+          dequantize_row(dst + m * out.stride(0) + block.n0, a + m * acc.stride(0), xs[m], ws + block.n0, rs, b ? b + block.n0 : nullptr,
+                         block.n1 - block.n0);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flora, m) {
@@ -194,4 +304,7 @@ TORCH_LIBRARY_FRAGMENT(flora, m) {
   m.def("int8_linear_into(Tensor(a!) out, Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, Tensor? in_scale=None, "
         "Tensor? out_scale=None, Tensor? slots=None) -> ()",
         &int8_linear_into);
+  m.def("int8_parts_into(Tensor(a!) out, Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, int[] splits, int[] starts, "
+        "Tensor?[] in_scales, Tensor?[] out_scales, Tensor?[] slots) -> ()",
+        &int8_parts_into);
 }
