@@ -43,6 +43,7 @@ def ops() -> torch._ops._OpNamespace:
     """torch.ops.flora: every kernel of csrc/, built into one library on first use.
 
     int8_linear_into                 int8_ops.cpp        the whole int8 linear, GEMM split by columns across threads
+    int8_parts_into                  int8_ops.cpp        a fused projection's parts with different inputs (rank-1 FLoRA), one call
     quantize_rows, dequantize_into   int8_ops.cpp        its input quantization and epilogue (+ FLoRA's scales)
     lora_bgmv_                       lora_ops.cpp        LoRA rows, each reading its own adapter
     write_kv_, paged_decode_attention_  attention_ops.cpp   the paged KV cache: this step's K/V in, decode rows
