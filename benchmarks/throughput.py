@@ -7,7 +7,8 @@ short story about X. Story number i:". Scenarios: no adapters (adapter-free
 engine); every request its own rank-1 FLoRA on q,k; every request its own rank-8
 LoRA on q,k,v,o; two rank-8 LoRA adapters split half/half. Each scenario runs with
 fp32 weights and with int8 weights (`base_weights.py`). All engines are built
-first; in each of `--rounds` rounds they all serve the workload at once, taking
+first and serve the workload once as a warm-up (2 tokens each: adapters loaded into
+slots); then in each of `--rounds` rounds they all serve the workload at once, taking
 one step each in turn, so that load drift on a shared machine hits all of them
 alike; tokens/s count each engine's own step time, and ratios to "no adapters"
 (same weights) are medians over rounds of same-round ratios. Also single-stream
@@ -118,8 +119,10 @@ def round_robin(engines: dict[Quantization, list[LLMEngine]], requests: int, new
     """`rounds` interleaved rounds of every (weights, scenario); -> per pair its tokens/s and ratio to the
     same weights' no-adapter engine in the same round, medians over rounds."""
     runs = [((q, sc.name), sc, e) for q, es in engines.items() for sc, e in zip(SCENARIOS, es)]
-    for _, scenario, engine in runs:
-        run_scenario(engine, scenario, 2, 4)  # warm-up
+    # Warm-up: the whole workload once, 2 tokens each, so that every engine has its adapters in
+    # slots (a load is a one-off between steps: ~8 ms per adapter with bf16 or fp32 slots, ~20 ms
+    # int8, docs/engine.md) and the rounds measure serving, as they would after the first requests.
+    interleaved_round(runs, requests, 2)
     per_round = []
     for r in range(rounds):
         per_round.append(interleaved_round(runs, requests, new_tokens))
@@ -154,8 +157,8 @@ def markdown(report: dict) -> str:
               f"{report['threads']} torch thread(s). Weights fp32 (exact) or int8 (int8 weights and per-row int8 activations, "
               "see docs/engine.md); activations and KV cache fp32 in both; LoRA slots fp32 with fp32 weights, int8 with int8 "
               "(one scale per rank row, sums in fp32); FLoRA vectors fp32.", ""]
-    lines += [f"Medians over {report['rounds']} rounds; in each, all engines serve the workload at once, one step each in turn "
-              "(tokens/s over each engine's own step time).", ""]
+    lines += [f"Medians over {report['rounds']} rounds, after a warm-up round (2 tokens each: every adapter loaded into its slots); "
+              "in each round all engines serve the workload at once, one step each in turn (tokens/s over each engine's own step time).", ""]
     lines += ["| weights | scenario | tokens/s | × no adapters (same weights, same round) |", "|---|---|---|---|"]
     lines += [f"| {r['weights']} | {r['scenario']} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f} |" for r in report["results"]]
     lines += ["", "Single stream (1 request, no adapter): " + "; ".join(f"{q}: {t:.1f} tokens/s" for q, t in report["single_stream_tokens_per_s"].items()) + ".", ""]

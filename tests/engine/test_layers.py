@@ -175,24 +175,30 @@ def test_projections_fuse_plain_parts_into_one_gemm(quantization):
     assert torch.equal(parts[1](x), b)  # a part alone computes from its view
 
 
-@pytest.mark.parametrize("quantization", list(Quantization))
-def test_projections_with_rank1_flora_rows_run_as_one_call(quantization):
-    """Rank-1 FLoRA rows (last) after base and LoRA rows: the parts run as one `parts_mm` call,
-    bitwise what each part computes alone, also when another part's rows are all base rows.
-    FLoRA merged per segment, or an IA3 row (it may scale the input), falls back to the parts alone."""
-    gen = torch.Generator().manual_seed(2)
-    layout = SlotLayout((SlotPool(AdapterKind.LORA, 4, 2), SlotPool(AdapterKind.IA3, 1, 1), SlotPool(AdapterKind.FLORA, 1, 3)))
+def adapted_projections(quantization: Quantization, flora_rank: int, gen: torch.Generator) -> tuple[SlotLayout, Projections]:
+    """q (8 → 8) and k (8 → 4, with bias), both adapted, and a plain v, fused. Slots 0-1: LoRA,
+    2: IA3 on the output, 3-5: FLoRA of `flora_rank`. q reads adapter batch 0, k batch 1."""
+    layout = SlotLayout((SlotPool(AdapterKind.LORA, 4, 2), SlotPool(AdapterKind.IA3, 1, 1), SlotPool(AdapterKind.FLORA, flora_rank, 3)))
     q = MultiAdapterLinear(torch.randn(8, 8, generator=gen), None, layout, batch_index=0)
     k = MultiAdapterLinear(torch.randn(4, 8, generator=gen), torch.randn(4, generator=gen), layout, batch_index=1)
-    v = Linear(torch.randn(4, 8, generator=gen), None)
-    proj = Projections(q, k, v)
+    proj = Projections(q, k, Linear(torch.randn(4, 8, generator=gen), None))
     proj.quantize(quantization)
     for layer in (q, k):
         for slot in (0, 1):
             layer.slots.load(slot, random_adapter(AdapterKind.LORA, 4, 8, layer.d_out, torch.float32, gen))
         layer.slots.load(2, Ia3Weights(1 + 0.5 * torch.randn(layer.d_out, generator=gen), on_input=False))
         for slot in (3, 4, 5):
-            layer.slots.load(slot, random_adapter(AdapterKind.FLORA, 1, 8, layer.d_out, torch.float32, gen))
+            layer.slots.load(slot, random_adapter(AdapterKind.FLORA, flora_rank, 8, layer.d_out, torch.float32, gen))
+    return layout, proj
+
+
+@pytest.mark.parametrize("quantization", list(Quantization))
+def test_projections_with_rank1_flora_rows_run_as_one_call(quantization):
+    """Rank-1 FLoRA rows (last) after base and LoRA rows: the parts run as one `parts_mm` call,
+    bitwise what each part computes alone, also when another part's rows are all base rows.
+    FLoRA merged per segment, or an IA3 row (it may scale the input), falls back to the parts alone."""
+    gen = torch.Generator().manual_seed(2)
+    layout, proj = adapted_projections(quantization, 1, gen)
     x = torch.randn(8, 8, generator=gen)
     mixed, with_ia3 = [-1, 0, 1, 1, 3, 3, 4, 5], [-1, 0, 1, 2, 3, 3, 4, 5]  # in the order the engine lays rows out
     cases = (
@@ -204,32 +210,25 @@ def test_projections_with_rank1_flora_rows_run_as_one_call(quantization):
     for q_slots, k_slots, paths, one_call in cases:
         batches = tuple(AdapterBatch.build(s, layout, paths, 8, 8) for s in (q_slots, k_slots))
         with using_step(StepContext(batches)):
-            assert fits_parts_mm(batches[0], q.slots) == one_call
+            assert fits_parts_mm(batches[0], proj.parts[0].slots) == one_call
             got = proj(x)
-            alone = (q(x), k(x), v(x))
+            alone = tuple(part(x) for part in proj.parts)
         for g, a in zip(got, alone):
             assert torch.equal(g, a)
 
 
 @pytest.mark.parametrize("quantization", list(Quantization))
 def test_projections_with_adapted_parts_equal_each_part_alone(quantization):
-    """LoRA rows ride on the fused GEMM; an IA3 or FLoRA row makes every part run alone.
+    """LoRA rows ride on the fused GEMM; an IA3 or a rank-2 FLoRA row makes every part run alone.
     Either way each part's output is what the part computes by itself."""
     gen = torch.Generator().manual_seed(1)
-    layout = SlotLayout((SlotPool(AdapterKind.LORA, 4, 2), SlotPool(AdapterKind.IA3, 1, 1), SlotPool(AdapterKind.FLORA, 2, 1)))
-    q, k, v = MultiAdapterLinear(torch.randn(8, 8), None, layout), MultiAdapterLinear(torch.randn(4, 8), torch.randn(4), layout), Linear(torch.randn(4, 8), None)
-    proj = Projections(q, k, v)
-    proj.quantize(quantization)
-    for layer in (q, k):
-        for slot in (0, 1):
-            layer.slots.load(slot, random_adapter(AdapterKind.LORA, 4, 8, layer.d_out, torch.float32, gen))
-        layer.slots.load(2, Ia3Weights(1 + 0.5 * torch.randn(layer.d_out, generator=gen), on_input=False))
-        layer.slots.load(3, random_adapter(AdapterKind.FLORA, 2, 8, layer.d_out, torch.float32, gen))
+    layout, proj = adapted_projections(quantization, 2, gen)
     x = torch.randn(5, 8, generator=gen)
     for slots, shared in (([-1, 0, 0, 1, 1], True), ([-1, 0, 1, 2, 2], False), ([-1, 0, 1, 3, 3], False)):  # 2: IA3, 3: FLoRA
-        with using_adapter_batch(AdapterBatch.build(slots, layout, FixedPaths(), 8, 8)):
+        batch = AdapterBatch.build(slots, layout, FixedPaths(), 8, 8)
+        with using_step(StepContext((batch, batch))):
             got = proj(x)
-            alone = (q(x), k(x), v(x))
-        assert shares_base_gemm(AdapterBatch.build(slots, layout, FixedPaths(), 8, 8)) == shared
+            alone = tuple(part(x) for part in proj.parts)
+        assert shares_base_gemm(batch) == shared
         for g, a in zip(got, alone):
             assert torch.allclose(g, a, rtol=1e-5, atol=1e-5)
