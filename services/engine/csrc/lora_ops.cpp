@@ -41,15 +41,6 @@ void shrink(Acc* h, const W* a, const Acc* x, int64_t rank, int64_t d_in) {
   for (; r < rank; ++r) h[r] = flora_vec::dot(a + r * d_in, x, d_in);
 }
 
-// Asks for n bytes from p into the cache without waiting for them. The rows' adapters are
-// scattered over the pool in runs too short for the hardware prefetcher to pick up; fetching
-// the next row's A and B while this row computes cut the LoRA time of a model-shaped loop
-// (30 layers of int8 GEMMs, q/k/v/o rank-8 LoRA of 32 distinct adapters between them) by
-// 15 % with int8 slots, 7 % with bf16.
-inline void prefetch(const void* p, int64_t n) {
-  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o);
-}
-
 // The LoRA pool as the kernel reads it. W: the stored weights (T, or bf16 / int8 under fp32
 // activations); scales: int8's per-(slot, rank row) fp32 scales [S, R], null otherwise.
 template <typename W>
@@ -71,10 +62,6 @@ void lora_rows(T* y, int64_t y_stride, const T* x, int64_t x_stride, const Pool<
     std::vector<Acc> h(rank), x_acc(kWiden ? d_in : 0), y_acc(kWiden ? d_out : 0);
     std::vector<const W*> b_rows(rank);
     for (int64_t t = begin; t < end; ++t) {
-      if (t + 1 < end) {
-        prefetch(pool.a + slots[t + 1] * rank * d_in, rank * d_in * sizeof(W));
-        prefetch(pool.b + slots[t + 1] * rank * d_out, rank * d_out * sizeof(W));
-      }
       const T* xt = x + t * x_stride;
       T* yt = y + t * y_stride;
       const W* at_ = pool.a + slots[t] * rank * d_in;
