@@ -202,8 +202,8 @@ def quantize_last_dim(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., d] float -> (q [..., d] int8, scale [...] fp32), w ≈ q · scale[..., None]: symmetric,
     absmax / 127 per vector along the last dim, in fp32. How weights are stored in int8: W0 per
     output channel here, LoRA per rank row (adapter_slots). The activations' row quantizer does
-    the same math, so it runs as that one op (`quantize_rows` is its reference): loading an int8
-    LoRA adapter took 27 ms with the 7 torch ops, most of it dispatch."""
+    the same math, so it runs as that one op (`quantize_rows` is its reference): loading a
+    SmolLM2 LoRA adapter into int8 slots took 27 ms with 7 torch ops per tensor, 20 ms so."""
     q, scale = native.ops().quantize_rows(w.reshape(-1, w.shape[-1]).float().contiguous())
     return q.view(w.shape), scale.view(w.shape[:-1])
 
