@@ -72,7 +72,7 @@ def fits_parts_mm(batch: AdapterBatch, slots: LayerSlots) -> bool:
     if batch.num_base_rows == batch.num_rows:
         return True
     group = batch.groups[-1]
-    return group.start == batch.num_base_rows and group.path is KernelPath.FLORA and slots.pools[group.pool].b.shape[0] == 1
+    return group.start == batch.num_base_rows and group.path is KernelPath.FLORA and slots.layout.pools[group.pool].max_rank == 1
 
 
 def _base_input(xs: torch.Tensor, slots: LayerSlots, batch: AdapterBatch) -> torch.Tensor:
@@ -136,9 +136,9 @@ class Projections(nn.Module):
     int8 quantizes x once). Parts with adapters join in when this step's adapters only add to the
     base product (LoRA: `shares_base_gemm`). Rank-1 FLoRA rows change a part's input and output
     scaling, so the parts cannot share one GEMM, but they still run as one call (`parts_mm`: in
-    int8 one op that spreads whole parts over the threads). Anything else (IA3 on the input, FLoRA
-    of higher rank or merged per segment) and every part computes on its own. The parts stay where the checkpoint names them
-    (q_proj.weight, ...), so loading and adapter addressing are unchanged.
+    int8 one op that spreads whole parts over the threads). With IA3 rows, or FLoRA of higher rank
+    or merged per segment, every part computes on its own. The parts stay where the checkpoint
+    names them (q_proj.weight, ...), so loading and adapter addressing are unchanged.
     """
 
     def __init__(self, *parts: Linear):
