@@ -153,7 +153,7 @@ def calibrate(
     fits in cache (merging W0 ∘ (BA)ᵀ at d = 512 is cache-resident, at d = 2048 it streams
     memory). ~1 s at d = 512, a few seconds at StarCoder-1B's 2048. The base weight and the LoRA
     slots are stored as the served model's (`quantization`, `lora_dtype`; None: `dtype`): int8 makes
-    FLoRA's GEMMs cheaper, bf16 LoRA slots the paths that read adapters in place."""
+    FLoRA's GEMMs cheaper, bf16 or int8 LoRA slots the paths that read adapters in place."""
     weight = base_weight(torch.randn(d_out, d_in, dtype=dtype) / math.sqrt(d_in), quantization)
     samples: dict[KernelPath | None, list[tuple[float, float, float]]] = {}
     for n, u, r in _PROBES:

@@ -146,6 +146,28 @@ void dequantize_into(at::Tensor& out, const at::Tensor& acc, const at::Tensor& x
   });
 }
 
+// A part of a (possibly fused) int8 linear's output, output columns [col, col + width) of Wq.
+// Rows from `start` on are rank-1 FLoRA rows, scaled by their slot's in_scale [S, d_in] and
+// out_scale [S, width] rows (slots[m - start]); the rows before, or all rows without scales, are plain.
+struct Part {
+  int64_t col, width, start;
+  const float* in_scale;
+  const float* out_scale;
+  const int64_t* slots;
+};
+
+// Columns [n0, n1) of part p from its quantized input (xq, x_scale xs): one single-threaded
+// _int_mm with those rows of Wq, then the block's epilogue into out (row stride out_stride).
+void gemm_block(const Part& p, int64_t n0, int64_t n1, const at::Tensor& xq, const float* xs, const at::Tensor& qweight,
+                const float* w_scale, const float* bias, float* out, int64_t out_stride) {
+  const at::Tensor acc = at::_int_mm(xq, qweight.slice(0, n0, n1).t());  // [M, n1 - n0] int32
+  const int32_t* a = acc.const_data_ptr<int32_t>();
+  for (int64_t m = 0; m < acc.size(0); ++m) {
+    const float* rs = m < p.start ? nullptr : p.out_scale + p.slots[m - p.start] * p.width + (n0 - p.col);
+    dequantize_row(out + m * out_stride + n0, a + m * acc.stride(0), xs[m], w_scale + n0, rs, bias ? bias + n0 : nullptr, n1 - n0);
+  }
+}
+
 // out [M, N] float32 = the whole int8 linear for x [M, K] float32 and Wq [N, K] int8 (rows contiguous):
 //   quantize_rows(x [∘ in_scale[slots]]) -> _int_mm with Wqᵀ -> dequantize_into (w_scale, bias, out_scale)
 // with the GEMM split by output columns, one block per thread, each a single-threaded oneDNN GEMM
@@ -164,37 +186,19 @@ void int8_linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qw
   const auto [xq, x_scale] = quantize_rows(x, in_scale, slots);
   const float* row_scale = row_scales(out_scale, slots, rows, width, "out_scale");
   if (rows == 0) return;
-  const int64_t* slot = row_scale ? slots->const_data_ptr<int64_t>() : nullptr;
-  const float* xs = x_scale.const_data_ptr<float>();
-  const float* ws = w_scale.const_data_ptr<float>();
+  // One part, all columns; its input is quantized above, so only the output scales are needed.
+  const Part whole{0, width, row_scale ? 0 : rows, nullptr, row_scale, row_scale ? slots->const_data_ptr<int64_t>() : nullptr};
   const float* b = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
-  float* dst = out.mutable_data_ptr<float>();
-  const int64_t out_stride = out.stride(0);
   constexpr int64_t kMinBlock = 64;  // columns per block at least: a floor against tiny GEMM calls (not tuned)
   const int64_t blocks = std::clamp<int64_t>(width / kMinBlock, 1, at::get_num_threads());
   const int64_t block = (width + blocks - 1) / blocks;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
-      const int64_t n0 = j * block, n1 = std::min(width, n0 + block);
-      const at::Tensor acc = at::_int_mm(xq, qweight.slice(0, n0, n1).t());  // [M, n1 - n0] int32
-      const int32_t* a = acc.const_data_ptr<int32_t>();
-      for (int64_t m = 0; m < rows; ++m) {
-        dequantize_row(dst + m * out_stride + n0, a + m * acc.stride(0), xs[m], ws + n0,
-                       row_scale ? row_scale + slot[m] * width + n0 : nullptr, b ? b + n0 : nullptr, n1 - n0);
-      }
+      gemm_block(whole, j * block, std::min(width, (j + 1) * block), xq, x_scale.const_data_ptr<float>(), qweight,
+                 w_scale.const_data_ptr<float>(), b, out.mutable_data_ptr<float>(), out.stride(0));
     }
   });
 }
-
-// One part of a fused projection for int8_parts_into: output columns [col, col + width) of Wq.
-// Rows from `start` on are rank-1 FLoRA rows, scaled by their slot's in_scale [S, d_in] and
-// out_scale [S, width] rows (slots[m - start]); the rows before, or all rows without scales, are plain.
-struct Part {
-  int64_t col, width, start;
-  const float* in_scale;
-  const float* out_scale;
-  const int64_t* slots;
-};
 
 struct Block {  // columns [n0, n1) of one part, run by one thread
   const Part* part;
@@ -282,13 +286,7 @@ void int8_parts_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qwe
           const float* sc = m < p.start ? nullptr : p.in_scale + p.slots[m - p.start] * d_in;
           xs[m] = quantize_row(q + m * d_in, src + m * x.stride(0), sc, d_in);
         }
-        const at::Tensor acc = at::_int_mm(xq, qweight.slice(0, block.n0, block.n1).t());  // [M, n1 - n0] int32
-        const int32_t* a = acc.const_data_ptr<int32_t>();
-        for (int64_t m = 0; m < rows; ++m) {
-          const float* rs = m < p.start ? nullptr : p.out_scale + p.slots[m - p.start] * p.width + (block.n0 - p.col);
-          dequantize_row(dst + m * out.stride(0) + block.n0, a + m * acc.stride(0), xs[m], ws + block.n0, rs, b ? b + block.n0 : nullptr,
-                         block.n1 - block.n0);
-        }
+        gemm_block(p, block.n0, block.n1, xq, xs.data(), qweight, ws, b, dst, out.stride(0));
       }
     }
   });
