@@ -26,6 +26,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quantization", choices=("none", "int8"), default="none", help="int8: int8 weights and activations, faster on a CPU with AVX512-VNNI, not bit-exact (measurements: docs/engine.md)")
+    p.add_argument("--lora-dtype", choices=("auto", "bfloat16", "int8"), default="auto", help="LoRA slot storage: auto = the model's float32 (exact); bfloat16 halves, int8 quarters the adapter bytes a step reads")
 
 
 def main(argv: list[str] | None = None) -> int:

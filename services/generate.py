@@ -37,7 +37,12 @@ def run(args: argparse.Namespace) -> int:
         modules = tuple(dict.fromkeys(module_type(m) for m in spec.targets))
         pools = (SlotPool(spec.kind, spec.rank, 1),)
     config = EngineConfig(
-        adapter_modules=modules, pools=pools, threads=args.threads, kv_cache_bytes=64 << 20, quantization=Quantization(args.quantization)
+        adapter_modules=modules,
+        pools=pools,
+        threads=args.threads,
+        kv_cache_bytes=64 << 20,
+        quantization=Quantization(args.quantization),
+        lora_dtype=args.lora_dtype,
     )
     engine = LLMEngine.from_model_dir(model_dir, config)
     if adapter is not None:

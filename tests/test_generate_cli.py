@@ -25,6 +25,20 @@ def flora_file(path, scale: float, layers: int = 30, d: int = 576, kv: int = 192
     return path
 
 
+def lora_file(path, layers: int = 30, d: int = 576, kv: int = 192):
+    """A rank-8 LoRA adapter on every q_proj and v_proj: random weights that change the text and keep it code."""
+    gen = torch.Generator().manual_seed(0)
+    tensors, targets = {}, []
+    for i in range(layers):
+        for proj, d_out in (("q_proj", d), ("v_proj", kv)):
+            module = f"model.layers.{i}.self_attn.{proj}"
+            a_name, b_name = tensor_names(AdapterKind.LORA, module)
+            tensors[a_name], tensors[b_name] = 0.05 * torch.randn(8, d, generator=gen), 0.05 * torch.randn(d_out, 8, generator=gen)
+            targets.append(module)
+    path.write_bytes(encode_adapter(AdapterSpec(AdapterKind.LORA, 8, tuple(targets), "SmolLM2-135M-Instruct", alpha=16.0), tensors))
+    return path
+
+
 def generate(capsys, *extra: str) -> str:
     assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "12", "--threads", "1", *extra]) == 0
     return capsys.readouterr().out
@@ -47,3 +61,13 @@ def test_bad_sampling_arguments_exit_2(capsys):
 def test_int8_weights_generate_sensible_code(capsys):
     materialize_smollm2()
     assert "return a + b" in generate(capsys, "--quantization", "int8")
+
+
+def test_lora_in_narrow_slots_generates_the_exact_slots_text(tmp_path, capsys):
+    """--lora-dtype bfloat16 / int8 store the adapter in 2 / 1 bytes per weight; greedy text stays the fp32 slots' text."""
+    materialize_smollm2()
+    adapter = str(lora_file(tmp_path / "lora.safetensors"))
+    base, exact = generate(capsys), generate(capsys, "--adapter", adapter)
+    assert exact != base  # the adapter matters
+    for lora_dtype in ("bfloat16", "int8"):
+        assert generate(capsys, "--adapter", adapter, "--lora-dtype", lora_dtype) == exact
