@@ -52,6 +52,17 @@ inline Vec<Acc> load(const W* p, int64_t count = Vec<Acc>::size()) {
   }
 }
 
+// Ask for bytes [p, p + bytes) ahead of use, one request per 64-byte line; returns at once.
+// to_l1: into L1 (the next row's adapter when it fits beside the current one), else into L2.
+inline void prefetch(const void* p, int64_t bytes, bool to_l1) {
+  const char* c = static_cast<const char*>(p);
+  if (to_l1) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, /*rw=*/0, /*locality=*/3);
+  } else {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, /*rw=*/0, /*locality=*/2);
+  }
+}
+
 // out[i] = rows[i * stride .. + n) . x[0..n) for i < N: N independent FMA chains share each
 // load of x, so the FMA latency is hidden (one chain alone waits ~4 cycles per vector).
 template <int N, typename Acc, typename W>
