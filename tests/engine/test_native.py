@@ -139,6 +139,7 @@ def test_int8_linear_refuses_bad_input_clearly():
         (7, 64, (129,), (3,)),  # one part: halved across the threads, a width not a multiple of the vector
         (9, 48, (40, 24, 8, 100), (9, None, 0, 4)),  # more parts than threads; FLoRA rows empty (start = rows)
         (0, 16, (64, 64), (0, None)),
+        (8, 32, (64, 32, 64, 16), (None, 2, None, 0)),  # plain parts share one quantized input, FLoRA parts between them do not
     ],
 )
 def test_int8_parts_is_bitwise_each_part_alone(rows, d_in, splits, starts, threads):

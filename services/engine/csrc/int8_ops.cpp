@@ -278,13 +278,18 @@ void int8_parts_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qwe
   at::parallel_for(0, per_thread.size(), 1, [&](int64_t first, int64_t last) {
     at::Tensor xq = at::empty({rows, d_in}, x.options().dtype(at::kChar));
     std::vector<float> xs(rows);
+    const Part* quantized = nullptr;  // the part whose input xq holds: blocks of one part, or plain parts, share it
     for (int64_t j = first; j < last; ++j) {
       for (const Block& block : per_thread[j]) {
         const Part& p = *block.part;
-        int8_t* q = xq.mutable_data_ptr<int8_t>();
-        for (int64_t m = 0; m < rows; ++m) {
-          const float* sc = m < p.start ? nullptr : p.in_scale + p.slots[m - p.start] * d_in;
-          xs[m] = quantize_row(q + m * d_in, src + m * x.stride(0), sc, d_in);
+        const bool same_input = quantized && (quantized == &p || (quantized->start == rows && p.start == rows));
+        if (!same_input) {
+          int8_t* q = xq.mutable_data_ptr<int8_t>();
+          for (int64_t m = 0; m < rows; ++m) {
+            const float* sc = m < p.start ? nullptr : p.in_scale + p.slots[m - p.start] * d_in;
+            xs[m] = quantize_row(q + m * d_in, src + m * x.stride(0), sc, d_in);
+          }
+          quantized = &p;
         }
         gemm_block(p, block.n0, block.n1, xq, xs.data(), qweight, ws, b, dst, out.stride(0));
       }
