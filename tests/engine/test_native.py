@@ -188,6 +188,88 @@ def test_int8_parts_refuse_bad_input_clearly():
         op(torch.empty(2, 6), x, w, scale, None, [4, 2], [0, 2], [in_scale, None], [torch.ones(3, 2), None], [slots, None])
 
 
+LORA_STORAGE = [torch.float32, torch.bfloat16, torch.int8]
+
+
+def lora_term_pool(num_slots: int, rank: int, d_in: int, d_out: int, storage: torch.dtype, gen: torch.Generator):
+    """A LoRA pool's (a, b, a_scale, b_scale) in the given storage, as adapter_slots.LoraPool holds it."""
+    a, b = torch.randn(num_slots, rank, d_in, generator=gen), torch.randn(num_slots, rank, d_out, generator=gen)
+    if storage is torch.int8:
+        (a, a_scale), (b, b_scale) = quantize_last_dim(a), quantize_last_dim(b)
+        return a, b, a_scale, b_scale
+    return a.to(storage), b.to(storage), None, None
+
+
+@pytest.mark.parametrize("storage", LORA_STORAGE, ids=str)
+@pytest.mark.parametrize(
+    "rows,d_in,terms",
+    [
+        # (col, width, start, n, rank) per LoRA term
+        (32, 576, [(0, 576, 0, 32, 8), (576, 192, 0, 32, 8), (768, 192, 0, 32, 8)]),  # SmolLM2's q, k, v: every row, every part
+        (9, 40, [(0, 70, 2, 7, 3), (70, 30, 0, 4, 16), (70, 30, 4, 5, 2)]),  # a part's rows in two pools; ranks not a multiple of 4
+        (5, 24, [(20, 13, 1, 3, 1)]),  # one term inside a column block, tails within one vector
+        (3, 16, []),  # no terms: the plain linear
+        (0, 16, [(0, 64, 0, 0, 4)]),
+    ],
+)
+def test_int8_lora_linear_is_bitwise_the_linear_then_each_lora_bgmv(rows, d_in, terms, storage, threads):
+    """int8_lora_linear_into shrinks in its pass over the rows and expands in each GEMM block's epilogue;
+    every element's arithmetic is lora_bgmv_'s, so it equals int8_linear_into followed by one
+    lora_bgmv_ per term (in term order), bitwise."""
+    gen = torch.Generator().manual_seed(rows + len(terms))
+    width = max([64] + [col + n for col, n, *_ in terms])
+    x = torch.randn(rows, d_in, generator=gen)
+    qweight = torch.randint(-127, 128, (width, d_in), dtype=torch.int8, generator=gen)
+    w_scale, bias = torch.rand(width, generator=gen) / 100, torch.randn(width, generator=gen)
+    pools = [lora_term_pool(5, rank, d_in, n, storage, gen) for _, n, _, _, rank in terms]
+    slots = [torch.randint(5, (n,), generator=gen) for _, _, _, n, _ in terms]
+    cols, starts = [t[0] for t in terms], [t[2] for t in terms]
+    a, b, a_scale, b_scale = ([pool[i] for pool in pools] for i in range(4))
+    out = torch.empty(rows, width)
+    native.ops().int8_lora_linear_into(out, x, qweight, w_scale, bias, cols, starts, slots, a, b, a_scale, b_scale)
+    ref = torch.empty(rows, width)
+    native.ops().int8_linear_into(ref, x, qweight, w_scale, bias)
+    for col, start, term_slots, (a, b, a_scale, b_scale) in zip(cols, starts, slots, pools):
+        native.ops().lora_bgmv_(ref[:, col : col + b.shape[2]], x, a, b, term_slots, start, a_scale, b_scale)
+    assert torch.equal(out, ref)
+    if rows and terms:
+        plain = torch.empty(rows, width)
+        native.ops().int8_linear_into(plain, x, qweight, w_scale, bias)
+        assert not torch.equal(out, plain)  # the terms were added
+
+
+def test_int8_lora_linear_refuses_bad_input_clearly():
+    op, x, w, scale = native.ops().int8_lora_linear_into, torch.ones(3, 8), torch.ones(6, 8, dtype=torch.int8), torch.ones(6)
+    a, b, slots = torch.zeros(2, 4, 8), torch.zeros(2, 4, 2), torch.tensor([0, 1])
+    a8, b8, scales = a.to(torch.int8), b.to(torch.int8), torch.ones(2, 4)
+
+    def call(cols=(4,), starts=(1,), slots=(slots,), a=(a,), b=(b,), a_scale=(None,), b_scale=(None,), out=None):
+        op(torch.empty(3, 6) if out is None else out, x, w, scale, None, list(cols), list(starts), list(slots), list(a), list(b), list(a_scale), list(b_scale))
+
+    call()  # valid: rows [1, 3) of columns [4, 6)
+    call(a=(a8,), b=(b8,), a_scale=(scales,), b_scale=(scales,))  # valid, int8 storage
+    with pytest.raises(RuntimeError, match=r"need one entry per LoRA term \(1\)"):
+        call(starts=(1, 0))
+    with pytest.raises(RuntimeError, match=r"term 0: columns \[5, 7\) are not all in the 6 output columns"):
+        call(cols=(5,))
+    with pytest.raises(RuntimeError, match=r"term 0: rows \[2, 4\) are not all in x's 3 rows"):
+        call(starts=(2,))
+    with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 2\), got \[0, 2\]"):
+        call(slots=(torch.tensor([0, 2]),))
+    with pytest.raises(RuntimeError, match=r"term 0: a must be \[S, R, 8\] and b \[S, R, d_out\]"):
+        call(a=(torch.zeros(2, 4, 7),))
+    with pytest.raises(RuntimeError, match="term 0: a and b must share one dtype of float32, bfloat16 or int8"):
+        call(b=(b.double(),))
+    with pytest.raises(RuntimeError, match="int8 a and b need a_scale and b_scale"):
+        call(a=(a8,), b=(b8,))
+    with pytest.raises(RuntimeError, match=r"a_scale and b_scale must be contiguous float32 \[2, 4\]"):
+        call(a=(a8,), b=(b8,), a_scale=(scales,), b_scale=(torch.ones(4, 2),))
+    with pytest.raises(RuntimeError, match="term 0: slots must be a contiguous int64 vector"):
+        call(slots=(slots.int(),))
+    with pytest.raises(RuntimeError, match=r"out has shape \[3, 5\], expected \[3, 6\]"):
+        call(out=torch.empty(3, 5))
+
+
 def test_row_scales_refuse_bad_input_clearly():
     ops, x, acc = native.ops(), torch.ones(3, 4), torch.zeros(3, 4, dtype=torch.int32)
     scale, slots = torch.ones(2, 4), torch.tensor([0, 1, 1])
