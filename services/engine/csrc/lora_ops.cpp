@@ -50,7 +50,7 @@ void lora_rows(T* y, int64_t y_stride, const T* x, int64_t x_stride, const flora
       // the next row's adapter arrives while this row computes
       if (t + 1 < end && slots[t + 1] != slots[t]) {
         flora_lora::prefetch_a(pool, slots[t + 1], to_l1);
-        flora_lora::prefetch_b(pool, slots[t + 1], 0, d_out, to_l1);
+        flora_lora::prefetch_b(pool, slots[t + 1], to_l1);
       }
       const T* xt = x + t * x_stride;
       T* yt = y + t * y_stride;
