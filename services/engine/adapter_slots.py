@@ -23,7 +23,7 @@ import torch
 
 from services.engine.adapter_format import AdapterKind
 from services.engine.adapter_weights import FloraWeights, Ia3Weights, LayerAdapter, LoraWeights
-from services.engine.base_weights import LoraRows, quantize_last_dim
+from services.engine.base_weights import quantize_last_dim
 
 NO_ADAPTER = -1
 
@@ -131,11 +131,6 @@ class LoraPool:
         q, row_scale = quantize_last_dim(rows)
         stored[local, : len(rows)].copy_(q)
         scale[local, : len(rows)].copy_(row_scale)
-
-    def rows(self, col: int, start: int, slots: torch.Tensor) -> LoraRows:
-        """This pool's LoRA on rows [start, start + len(slots)) (slot slots[i] for row start + i), added
-        to output columns [col, col + d_out) of a GEMM."""
-        return LoraRows(col, start, slots, self.a, self.b, self.a_scale, self.b_scale)
 
     def clear(self, local: int) -> None:
         self.a[local].zero_()

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 
@@ -50,27 +50,6 @@ class FloraRows:
     slots: torch.Tensor  # [T - start] int64
 
 
-class LoraRows(NamedTuple):
-    """LoRA on rows [start, start + len(slots)) of a GEMM's output columns [col, col + d_out):
-    row t gets += (x[t] @ a[s]ᵀ) @ b[s] with s = slots[t - start] (kernels.lora_bgmv). The pool's
-    tensors as adapter_slots.LoraPool stores them: b holds scale · lora_Bᵀ; a_scale and b_scale
-    [S, R] only for int8 slots. A NamedTuple: built per layer and step, 1 µs where a frozen
-    dataclass takes 3."""
-
-    col: int
-    start: int
-    slots: torch.Tensor  # [n] int64
-    a: torch.Tensor  # [S, R, d_in]
-    b: torch.Tensor  # [S, R, d_out]
-    a_scale: torch.Tensor | None
-    b_scale: torch.Tensor | None
-
-    def add_into(self, y: torch.Tensor, x: torch.Tensor) -> None:
-        """y[:, col : col + d_out] += the LoRA term of x's rows, in place (one lora_bgmv_ call)."""
-        block = y[:, self.col : self.col + self.b.shape[2]]
-        native.ops().lora_bgmv_.default(block, x, self.a, self.b, self.slots, self.start, self.a_scale, self.b_scale)
-
-
 class BaseWeight(Protocol):
     """W0 [d_out, d_in] as the kernels see it."""
 
@@ -85,10 +64,6 @@ class BaseWeight(Protocol):
 
     def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, d_in] -> x @ W0ᵀ + bias [T, d_out]"""
-        ...
-
-    def mm_lora(self, x: torch.Tensor, bias: torch.Tensor | None, lora: Sequence[LoraRows]) -> torch.Tensor:
-        """x [T, d_in] -> x @ W0ᵀ + bias [T, d_out] with every `lora` term added to its rows and columns."""
         ...
 
     def scaled_mm_into(
@@ -132,12 +107,6 @@ class DenseWeight:
 
     def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight, bias)
-
-    def mm_lora(self, x: torch.Tensor, bias: torch.Tensor | None, lora: Sequence[LoraRows]) -> torch.Tensor:
-        y = self.mm(x, bias)
-        for term in lora:
-            term.add_into(y, x)
-        return y
 
     def scaled_mm_into(
         self, out: torch.Tensor, x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None
@@ -204,19 +173,6 @@ class Int8Weight:
     def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.d_out, dtype=x.dtype, device=x.device)
         self.mm_into(out, x, bias)
-        return out
-
-    def mm_lora(self, x: torch.Tensor, bias: torch.Tensor | None, lora: Sequence[LoraRows]) -> torch.Tensor:
-        # The LoRA rows ride in the linear's own op: shrinks in its pass over the rows, expands in each
-        # GEMM block's epilogue (csrc/int8_ops.cpp: int8_lora_linear_into); bitwise mm + lora_bgmv_.
-        if not lora:
-            return self.mm(x, bias)
-        out = torch.empty(x.shape[0], self.d_out, dtype=x.dtype, device=x.device)
-        native.ops().int8_lora_linear_into.default(
-            out, x, self.qweight, self.scale, bias,
-            [t.col for t in lora], [t.start for t in lora], [t.slots for t in lora],
-            [t.a for t in lora], [t.b for t in lora], [t.a_scale for t in lora], [t.b_scale for t in lora],
-        )
         return out
 
     def scaled_mm_into(

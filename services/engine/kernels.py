@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from services.engine import native
 from services.engine.adapter_batch import KernelPath, PoolGroup
 from services.engine.adapter_slots import FloraPool, Ia3Pool, LoraPool, PoolStorage
 from services.engine.base_weights import BaseWeight, DenseWeight
@@ -85,11 +86,9 @@ def lora_bgmv(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.
 
     BGMV as Punica's and vLLM's kernels do it: one fused C++ pass per row reads that row's
     A and B where they lie in the pool (csrc/lora_ops.cpp), so nothing is gathered or copied
-    and the whole group is one call whatever its adapter mix. Sums in fp32. When the rows share
-    the plain base GEMM the layer hands the group to the weight's `mm_lora` instead (int8: the
-    same row math inside the linear's op, `LoraRows`).
+    and the whole group is one call whatever its adapter mix. Sums in fp32.
     """
-    pool.rows(0, g.start, g.slots).add_into(y, x)
+    native.ops().lora_bgmv_.default(y, x, pool.a, pool.b, g.slots, g.start, pool.a_scale, pool.b_scale)  # rows [g.start, g.start + n)
 
 
 def lora_segment(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from services.engine.adapter_batch import AdapterBatch, KernelPath, PoolGroup
 from services.engine.adapter_slots import LayerSlots, SlotLayout
-from services.engine.base_weights import BaseWeight, DenseWeight, FloraRows, LoraRows, Quantization, base_weight
+from services.engine.base_weights import BaseWeight, DenseWeight, FloraRows, Quantization, base_weight
 from services.engine.context import get_adapter_batch
 from services.engine.kernels import KERNELS, scale_ia3_inputs
 
@@ -27,9 +27,8 @@ def multi_adapter_linear(
     """x [T, d_in], weight W0 [d_out, d_in] (dense or int8), bias [d_out] | None -> y [T, d_out]."""
     _check_input(x, weight, batch)
     if shares_base_gemm(batch):  # no adapter here, or LoRA terms added onto the plain product (decode's common case)
-        lora, rest = bgmv_rows(batch.groups, slots, col=0)
-        y = weight.mm_lora(x, bias, lora)
-        apply_adapters(x, y, weight, bias, slots, rest)
+        y = weight.mm(x, bias)
+        apply_adapters(x, y, weight, bias, slots, batch.groups)
         return y
     xs = x if batch.order is None else x.index_select(0, batch.order)  # rows grouped by adapter
     y = torch.empty(x.shape[0], weight.d_out, dtype=x.dtype, device=x.device)
@@ -45,18 +44,6 @@ def apply_adapters(
     """Run each pool group's kernel on the sorted rows; y's base rows already hold xs @ W0ᵀ + bias."""
     for group in groups:
         KERNELS[group.path](xs, y, weight, bias, slots.pools[group.pool], group)
-
-
-def bgmv_rows(groups: Sequence[PoolGroup], slots: LayerSlots, col: int) -> tuple[list[LoraRows], list[PoolGroup]]:
-    """The groups on the BGMV path as LoRA terms on output columns from `col` (the base weight adds
-    them in its own op: `BaseWeight.mm_lora`), and the other groups, which run their kernels after."""
-    lora, rest = [], []
-    for group in groups:
-        if group.path is KernelPath.LORA_BGMV:
-            lora.append(slots.pools[group.pool].rows(col, group.start, group.slots))
-        else:
-            rest.append(group)
-    return lora, rest
 
 
 def shares_base_gemm(batch: AdapterBatch) -> bool:
@@ -147,8 +134,7 @@ class Projections(nn.Module):
     `quantize` (after loading) moves the parts' weights into one [Σ d_out, d_in] matrix (dense or
     int8) and gives each part a view of its rows, so a step runs one GEMM instead of several (and
     int8 quantizes x once). Parts with adapters join in when this step's adapters only add to the
-    base product (LoRA: `shares_base_gemm`); their BGMV groups go into the GEMM's own call
-    (`mm_lora`: in int8 one op, shrinks and expands inside the linear's passes). Rank-1 FLoRA rows change a part's input and output
+    base product (LoRA: `shares_base_gemm`). Rank-1 FLoRA rows change a part's input and output
     scaling, so the parts cannot share one GEMM, but they still run as one call (`parts_mm`: in
     int8 one op that spreads whole parts over the threads). With IA3 rows, or FLoRA of higher rank
     or merged per segment, every part computes on its own. The parts stay where the checkpoint
@@ -160,7 +146,6 @@ class Projections(nn.Module):
         self.parts = parts  # a tuple: not registered twice, the parent module owns them
         self.adapted = [(i, part) for i, part in enumerate(parts) if isinstance(part, MultiAdapterLinear)]
         self.splits = [p.d_out for p in parts]
-        self.offsets = [sum(self.splits[:i]) for i in range(len(parts))]  # each part's first column
         self.base: BaseWeight | None = None  # the fused weight, built by `quantize`
         self.bias: torch.Tensor | None = None
 
@@ -179,12 +164,8 @@ class Projections(nn.Module):
         """x [T, d_in] -> per part [T, d_out_i]"""
         adapted = [(i, part.step_batch()) for i, part in self.adapted]
         if all(shares_base_gemm(batch) for _, batch in adapted):
-            lora, additive = [], []
-            for i, batch in adapted:
-                part_lora, rest = bgmv_rows(batch.groups, self.parts[i].slots, self.offsets[i])
-                lora += part_lora
-                additive.append(rest)
-            ys = self.base.mm_lora(x, self.bias, lora).split(self.splits, dim=1)  # column views of one [T, Σ d_out]
+            ys = self.base.mm(x, self.bias).split(self.splits, dim=1)  # column views of one [T, Σ d_out]
+            additive = [batch.groups for _, batch in adapted]
         elif all(fits_parts_mm(batch, self.parts[i].slots) for i, batch in adapted):  # rank-1 FLoRA rows: one call
             flora: list[FloraRows | None] = [None] * len(self.parts)
             for i, batch in adapted:

@@ -44,7 +44,6 @@ def ops() -> torch._ops._OpNamespace:
 
     int8_linear_into                 int8_ops.cpp        the whole int8 linear, GEMM split by columns across threads
     int8_parts_into                  int8_ops.cpp        a fused projection's parts with different inputs (rank-1 FLoRA), one call
-    int8_lora_linear_into            int8_ops.cpp        the int8 linear with LoRA rows added in its own passes (BGMV groups)
     quantize_rows, dequantize_into   int8_ops.cpp        its input quantization and epilogue (+ FLoRA's scales)
     lora_bgmv_                       lora_ops.cpp        LoRA rows, each reading its own adapter
     write_kv_, paged_decode_attention_  attention_ops.cpp   the paged KV cache: this step's K/V in, decode rows

@@ -16,16 +16,7 @@ from services.engine.adapter_weights import FloraWeights, Ia3Weights
 from services.engine.base_weights import DenseWeight, Quantization, base_weight
 from services.engine.context import StepContext, using_adapter_batch, using_step
 from services.engine.cost_model import FixedPaths
-from services.engine.layers import (
-    Linear,
-    MultiAdapterLinear,
-    Projections,
-    apply_adapters,
-    bgmv_rows,
-    fits_parts_mm,
-    multi_adapter_linear,
-    shares_base_gemm,
-)
+from services.engine.layers import Linear, MultiAdapterLinear, Projections, fits_parts_mm, multi_adapter_linear, shares_base_gemm
 from services.engine.reference import reference_linear
 from tests.engine.helpers import fill_slots, random_adapter, rel_err
 
@@ -241,38 +232,3 @@ def test_projections_with_adapted_parts_equal_each_part_alone(quantization):
         assert shares_base_gemm(batch) == shared
         for g, a in zip(got, alone):
             assert torch.allclose(g, a, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.int8])
-def test_int8_weights_add_bgmv_lora_rows_in_their_own_op(lora_dtype):
-    """On the shared base GEMM (decode's case) the LoRA groups on the BGMV path go to the weight's
-    `mm_lora` (int8: one op, csrc/int8_ops.cpp), groups on other paths run their kernels after. A
-    fused projection and a layer alone give bitwise what the plain GEMM followed by each group's
-    kernel gives."""
-    gen = torch.Generator().manual_seed(4)
-    layout = SlotLayout((SlotPool(AdapterKind.LORA, 2, 3), SlotPool(AdapterKind.LORA, 16, 2)), lora_dtype=lora_dtype)
-    q = MultiAdapterLinear(torch.randn(12, 16, generator=gen), torch.randn(12, generator=gen), layout)
-    k = MultiAdapterLinear(torch.randn(8, 16, generator=gen), None, layout)
-    proj = Projections(q, k, Linear(torch.randn(8, 16, generator=gen), None))
-    proj.quantize(Quantization.INT8)
-    alone = MultiAdapterLinear(torch.randn(12, 16, generator=gen), None, layout)
-    alone.quantize(Quantization.INT8)
-    for layer in (q, k, alone):
-        for slot in range(layout.num_slots):
-            rank = 1 + slot % 2 if slot < 3 else 5 + slot  # pool 0 holds ranks up to 2, pool 1 up to 16
-            layer.slots.load(slot, random_adapter(AdapterKind.LORA, rank, 16, layer.d_out, torch.float32, gen))
-    x = torch.randn(8, 16, generator=gen)
-    slot_ids = [-1, 0, 0, 1, 2, 3, 4, 4]  # in the order the engine lays rows out: two pools, two groups
-    for path in (KernelPath.LORA_BGMV, KernelPath.LORA_STACKED):
-        batch = AdapterBatch.build(slot_ids, layout, FixedPaths(lora=path), 16, 12)
-        lora, rest = bgmv_rows(batch.groups, k.slots, col=12)
-        assert [(t.col, t.start, len(t.slots)) for t in lora] == ([(12, 1, 4), (12, 5, 3)] if path is KernelPath.LORA_BGMV else [])
-        assert rest == ([] if path is KernelPath.LORA_BGMV else list(batch.groups))
-        with using_step(StepContext((batch,))):
-            got = (*proj(x), alone(x))
-        for part, y in zip((q, k, alone), (got[0], got[1], got[3])):
-            expected = part.base.mm(x, part.bias)
-            apply_adapters(x, expected, part.base, part.bias, part.slots, batch.groups)
-            assert torch.equal(y, expected), (path, part.d_out)
-        assert torch.equal(got[2], proj.parts[2].base.mm(x))
-        assert not torch.equal(got[3], alone.base.mm(x))  # the adapters changed the output

@@ -3,8 +3,7 @@
 // ops per linear (~50 us and ~20 us at 32 x 576 on a 2-core Xeon, most of it dispatch); here
 // each is one pass over the rows. Both passes optionally scale each row by its own vector
 // from a pool, picked by the row's slot: FLoRA's y = a ∘ ((x ∘ b) W0ᵀ) (kernels.flora) is
-// then one quantize, one GEMM and one epilogue, with nothing gathered or copied. LoRA rows
-// (a fused projection's per-part terms) ride along too: int8_lora_linear_into.
+// then one quantize, one GEMM and one epilogue, with nothing gathered or copied.
 // The plain-torch versions in base_weights.py are the oracles: the tests require bitwise
 // equality, so the arithmetic below keeps torch's exact order (true division, no FMA
 // contraction: built with -ffp-contract=off).
@@ -16,18 +15,12 @@
 #include <torch/library.h>
 
 #include "checks.h"
-#include "lora_math.h"
-
-#include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <exception>
 #include <cstdint>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -304,175 +297,6 @@ void int8_parts_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qwe
   });
 }
 
-// first(tid, threads), then, once every thread is done with it, second(tid, threads), in one
-// parallel region of torch's OpenMP pool: one wake-up of the workers instead of two (~10-24 us each
-// on this 2-core machine, docs/engine.md). Exceptions are carried out of the region, as in
-// at::parallel_for; outside torch's pool or with one thread, both run here in turn.
-template <typename First, typename Second>
-void two_phase(const First& first, const Second& second) {
-  const int64_t threads = at::get_num_threads();
-  if (threads == 1 || at::in_parallel_region()) {
-    first(0, 1);
-    second(0, 1);
-    return;
-  }
-  std::exception_ptr error;
-  std::atomic_flag failed = ATOMIC_FLAG_INIT;
-  auto guarded = [&](const auto& phase, int64_t tid, int64_t n) {
-    try {
-      phase(tid, n);
-    } catch (...) {
-      if (!failed.test_and_set()) error = std::current_exception();
-    }
-  };
-#pragma omp parallel
-  {
-    const int64_t n = omp_get_num_threads(), tid = omp_get_thread_num();
-    at::internal::ThreadIdGuard tid_guard(tid);
-    guarded(first, tid, n);
-#pragma omp barrier
-    guarded(second, tid, n);
-  }
-  if (error) std::rethrow_exception(error);
-}
-
-// LoRA on rows [start, start + rows) of output columns [col, col + width) (int8_lora_linear_into).
-struct LoraTerm {
-  int64_t col, width, start, rows;
-  const int64_t* slots;  // [rows]
-  at::ScalarType dtype;  // of a and b: float32, bfloat16 or int8 (with scales)
-  const void* a;
-  const void* b;
-  const float* a_scale;
-  const float* b_scale;
-  int64_t rank;
-  std::vector<float> h;  // [rows, rank]: the shrink, filled before the expand reads it
-};
-
-// f(pool) with the term's pool typed by its storage.
-template <typename F>
-void with_pool(const LoraTerm& t, int64_t d_in, F&& f) {
-  auto typed = [&](auto tag) {
-    using W = decltype(tag);
-    f(flora_lora::Pool<W>{static_cast<const W*>(t.a), static_cast<const W*>(t.b), t.a_scale, t.b_scale, t.rank, d_in, t.width});
-  };
-  switch (t.dtype) {
-    case at::kFloat: return typed(float{});
-    case at::kBFloat16: return typed(at::BFloat16{});
-    default: return typed(int8_t{});
-  }
-}
-
-std::vector<LoraTerm> lora_terms(at::IntArrayRef cols, at::IntArrayRef starts, at::TensorList slots, at::TensorList a, at::TensorList b,
-                                 const c10::List<std::optional<at::Tensor>>& a_scale, const c10::List<std::optional<at::Tensor>>& b_scale,
-                                 int64_t rows, int64_t d_in, int64_t width) {
-  const size_t n = cols.size();
-  TORCH_CHECK(starts.size() == n && slots.size() == n && a.size() == n && b.size() == n && a_scale.size() == n && b_scale.size() == n,
-              "cols, starts, slots, a, b, a_scale and b_scale need one entry per LoRA term (", n, ")");
-  std::vector<LoraTerm> terms;
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor &ai = a[i], &bi = b[i], &si = slots[i];
-    TORCH_CHECK(ai.dim() == 3 && bi.dim() == 3 && ai.size(0) == bi.size(0) && ai.size(1) == bi.size(1) && ai.size(2) == d_in,
-                "term ", i, ": a must be [S, R, ", d_in, "] and b [S, R, d_out], got ", ai.sizes(), " and ", bi.sizes());
-    TORCH_CHECK(ai.scalar_type() == bi.scalar_type() &&
-                    (ai.scalar_type() == at::kFloat || ai.scalar_type() == at::kBFloat16 || ai.scalar_type() == at::kChar),
-                "term ", i, ": a and b must share one dtype of float32, bfloat16 or int8, got ", ai.scalar_type(), " and ", bi.scalar_type());
-    TORCH_CHECK(ai.is_contiguous() && bi.is_contiguous() && ai.device().is_cpu() && bi.device().is_cpu(),
-                "term ", i, ": a and b must be contiguous CPU tensors");
-    const std::optional<at::Tensor> as = a_scale.get(i), bs = b_scale.get(i);
-    flora_checks::lora_scales(ai, as, bs);
-    TORCH_CHECK(si.scalar_type() == at::kLong && si.dim() == 1 && si.is_contiguous() && si.device().is_cpu(),
-                "term ", i, ": slots must be a contiguous int64 vector");
-    const int64_t col = cols[i], term_width = bi.size(2), start = starts[i], term_rows = si.size(0);
-    TORCH_CHECK(col >= 0 && col + term_width <= width, "term ", i, ": columns [", col, ", ", col + term_width, ") are not all in the ",
-                width, " output columns");
-    TORCH_CHECK(start >= 0 && start + term_rows <= rows, "term ", i, ": rows [", start, ", ", start + term_rows, ") are not all in x's ",
-                rows, " rows");
-    flora_checks::slots_in_range(si.const_data_ptr<int64_t>(), term_rows, ai.size(0));
-    terms.push_back({col, term_width, start, term_rows, si.const_data_ptr<int64_t>(), ai.scalar_type(), ai.const_data_ptr(),
-                     bi.const_data_ptr(), as ? as->const_data_ptr<float>() : nullptr, bs ? bs->const_data_ptr<float>() : nullptr,
-                     ai.size(1), std::vector<float>(term_rows * ai.size(1))});
-  }
-  return terms;
-}
-
-// out [M, N] float32 = the int8 linear of x [M, K] float32 with Wq [N, K] (int8_linear_into), plus
-// LoRA terms, each on some rows and a block of columns (a part of a fused projection):
-//   out[m, col : col + width] += (x[m] @ a[s]ᵀ) @ b[s],  s = slots[m - start]
-// in the linear's own two phases of one parallel region, with no op call or region of its own: the
-// shrink in the quantization's pass over the rows (x[m] is at hand), the expand in each GEMM block's
-// epilogue for the block's columns. Each element's arithmetic is lora_bgmv_'s (lora_math.h), so the
-// result is bitwise int8_linear_into followed by one lora_bgmv_ per term. In the int8 SmolLM2 engine
-// with a rank-8 LoRA per request, q,k,v and o with their terms took 0.9 ms less per step (of 36) than
-// those calls (docs/engine.md).
-void int8_lora_linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& w_scale,
-                           const std::optional<at::Tensor>& bias, at::IntArrayRef cols, at::IntArrayRef starts, at::TensorList slots,
-                           at::TensorList a, at::TensorList b, const c10::List<std::optional<at::Tensor>>& a_scale,
-                           const c10::List<std::optional<at::Tensor>>& b_scale) {
-  check_rows(out, at::kFloat, "out");
-  check_rows(x, at::kFloat, "x");
-  check_rows(qweight, at::kChar, "qweight");
-  const int64_t rows = x.size(0), d_in = x.size(1), width = qweight.size(0);
-  TORCH_CHECK(d_in == qweight.size(1), "x ", x.sizes(), " does not fit the weight [d_out, d_in] ", qweight.sizes());
-  TORCH_CHECK(out.size(0) == rows && out.size(1) == width, "out has shape ", out.sizes(), ", expected [", rows, ", ", width, "]");
-  check_epilogue(w_scale, bias, width);
-  std::vector<LoraTerm> terms = lora_terms(cols, starts, slots, a, b, a_scale, b_scale, rows, d_in, width);
-  if (rows == 0) return;
-  const float* src = x.const_data_ptr<float>();
-  at::Tensor xq = at::empty({rows, d_in}, x.options().dtype(at::kChar));
-  int8_t* xq_data = xq.mutable_data_ptr<int8_t>();
-  std::vector<float> xs(rows);
-  // Phase 1, rows split: quantize x[m], then every term's shrink of x[m] (the next row's A prefetched).
-  auto quantize_and_shrink = [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const float* xm = src + m * x.stride(0);
-      xs[m] = quantize_row(xq_data + m * d_in, xm, nullptr, d_in);
-      for (LoraTerm& t : terms) {
-        const int64_t i = m - t.start;
-        if (i < 0 || i >= t.rows) continue;
-        with_pool(t, d_in, [&](const auto& pool) {
-          if (i + 1 < t.rows && m + 1 < end && t.slots[i + 1] != t.slots[i]) {
-            flora_lora::prefetch_a(pool, t.slots[i + 1], flora_lora::fits_l1(pool, d_in, 0));
-          }
-          flora_lora::shrink(t.h.data() + i * t.rank, pool, t.slots[i], xm);
-        });
-      }
-    }
-  };
-  // Phase 2, columns split: the GEMM of columns [n0, n1) and its epilogue, then each term's expand
-  // on those columns (the next row's slice of B prefetched).
-  const Part whole{0, width, rows, nullptr, nullptr, nullptr};
-  const float* bias_data = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
-  float* dst = out.mutable_data_ptr<float>();
-  const int64_t out_stride = out.stride(0);
-  auto gemm_and_expand = [&](int64_t n0, int64_t n1) {
-    gemm_block(whole, n0, n1, xq, xs.data(), qweight, w_scale.const_data_ptr<float>(), bias_data, dst, out_stride);
-    for (const LoraTerm& t : terms) {
-      const int64_t c0 = std::max(n0, t.col), c1 = std::min(n1, t.col + t.width);
-      if (c0 >= c1) continue;
-      with_pool(t, d_in, [&](const auto& pool) {
-        using W = std::remove_cv_t<std::remove_pointer_t<decltype(pool.b)>>;
-        std::vector<const W*> b_rows(t.rank);
-        const bool to_l1 = flora_lora::fits_l1(pool, 0, c1 - c0);
-        for (int64_t i = 0; i < t.rows; ++i) {
-          if (i + 1 < t.rows && t.slots[i + 1] != t.slots[i]) flora_lora::prefetch_b_columns(pool, t.slots[i + 1], c0 - t.col, c1 - c0, to_l1);
-          flora_lora::expand(dst + (t.start + i) * out_stride + c0, t.h.data() + i * t.rank, pool, t.slots[i], c0 - t.col, c1 - c0,
-                             b_rows.data());
-        }
-      });
-    }
-  };
-  constexpr int64_t kMinBlock = 64;  // as int8_linear_into
-  two_phase([&](int64_t tid, int64_t threads) {
-    const int64_t chunk = (rows + threads - 1) / threads;
-    quantize_and_shrink(std::min(rows, tid * chunk), std::min(rows, (tid + 1) * chunk));
-  }, [&](int64_t tid, int64_t threads) {
-    const int64_t blocks = std::clamp<int64_t>(width / kMinBlock, 1, threads);
-    const int64_t block = (width + blocks - 1) / blocks;
-    if (tid < blocks) gemm_and_expand(tid * block, std::min(width, (tid + 1) * block));
-  });
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flora, m) {
@@ -486,7 +310,4 @@ TORCH_LIBRARY_FRAGMENT(flora, m) {
   m.def("int8_parts_into(Tensor(a!) out, Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, int[] splits, int[] starts, "
         "Tensor?[] in_scales, Tensor?[] out_scales, Tensor?[] slots) -> ()",
         &int8_parts_into);
-  m.def("int8_lora_linear_into(Tensor(a!) out, Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, int[] cols, int[] starts, "
-        "Tensor[] slots, Tensor[] a, Tensor[] b, Tensor?[] a_scale, Tensor?[] b_scale) -> ()",
-        &int8_lora_linear_into);
 }
