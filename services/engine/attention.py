@@ -131,13 +131,13 @@ def paged_attention(
 
     q [T, H, D], k/v [T, kvH, D], k_cache/v_cache [slots, kvH, D] -> [T, H, D]
     """
-    native.ops().write_kv_.default(k_cache, v_cache, k, v, batch.slot_mapping)  # = index_copy_ of each at slot_mapping
+    native.ops().write_kv_(k_cache, v_cache, k, v, batch.slot_mapping)  # = index_copy_ of each at slot_mapping
     q = q.contiguous()
     if batch.decode is None:
         return padded_sdpa(q, k_cache, v_cache, batch.prefill, scale)  # every row is a prefill row, in order
     out = torch.empty_like(q)
     d = batch.decode
-    native.ops().paged_decode_attention_.default(out, q, k_cache, v_cache, d.rows, d.kv_index, d.lengths, scale)
+    native.ops().paged_decode_attention_(out, q, k_cache, v_cache, d.rows, d.kv_index, d.lengths, scale)
     if batch.prefill is not None:
         out.index_copy_(0, batch.prefill.rows, padded_sdpa(q, k_cache, v_cache, batch.prefill, scale))
     return out

@@ -152,7 +152,7 @@ class Int8Weight:
         self.scale = scale  # [d_out] fp32
         self.d_out, self.d_in = qweight.shape
         self.dtype, self.device = torch.float32, qweight.device  # activations and outputs are fp32
-        self._linear_into = native.ops().int8_linear_into.default
+        self._linear_into = native.ops().int8_linear_into
 
     @staticmethod
     def quantize(weight: torch.Tensor) -> "Int8Weight":
@@ -191,7 +191,7 @@ class Int8Weight:
         in_scales = [None if f is None else f.in_scale for f in flora]
         out_scales = [None if f is None else f.out_scale for f in flora]
         slots = [None if f is None else f.slots for f in flora]
-        native.ops().int8_parts_into.default(out, x, self.qweight, self.scale, bias, list(splits), starts, in_scales, out_scales, slots)
+        native.ops().int8_parts_into(out, x, self.qweight, self.scale, bias, list(splits), starts, in_scales, out_scales, slots)
         return out.split(list(splits), dim=1)
 
     def dense(self) -> torch.Tensor:

@@ -88,7 +88,7 @@ def lora_bgmv(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.
     A and B where they lie in the pool (csrc/lora_ops.cpp), so nothing is gathered or copied
     and the whole group is one call whatever its adapter mix. Sums in fp32.
     """
-    native.ops().lora_bgmv_.default(y, x, pool.a, pool.b, g.slots, g.start, pool.a_scale, pool.b_scale)  # rows [g.start, g.start + n)
+    native.ops().lora_bgmv_(y, x, pool.a, pool.b, g.slots, g.start, pool.a_scale, pool.b_scale)  # rows [g.start, g.start + n)
 
 
 def lora_segment(x: torch.Tensor, y: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, pool: LoraPool, g: PoolGroup) -> None:

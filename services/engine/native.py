@@ -2,16 +2,18 @@
 
 torch.utils.cpp_extension compiles them with the machine's g++ and ninja (both installed
 by scripts/install-system-deps.sh) into <cache>/torch_extensions/ (~50 s on 2 cores, once; later
-processes load the built library in milliseconds, and an edited source is rebuilt). The
-ops register with torch's dispatcher as torch.ops.flora.*, and split work on torch's own
-OpenMP pool. Each kernel has a plain-torch reference that the tests hold it to (named at
-the top of its source file; docs/engine.md has the table).
+processes load the built library in milliseconds, and an edited source is rebuilt). They
+form one Python module of plain functions (csrc/bindings.cpp: pybind11 rather than torch.ops,
+whose per-call cost in the engine was 10-20 us) and split work on torch's own OpenMP pool.
+Each kernel has a plain-torch reference that the tests hold it to (named at the top of its
+source file; docs/engine.md has the table).
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -39,8 +41,8 @@ class NativeBuildError(RuntimeError):
 
 
 @functools.cache
-def ops() -> torch._ops._OpNamespace:
-    """torch.ops.flora: every kernel of csrc/, built into one library on first use.
+def ops() -> ModuleType:
+    """Every kernel of csrc/ (declared in csrc/ops.h), built into one module on first use.
 
     int8_linear_into                 int8_ops.cpp        the whole int8 linear, GEMM split by columns across threads
     int8_parts_into                  int8_ops.cpp        a fused projection's parts with different inputs (rank-1 FLoRA), one call
@@ -56,17 +58,15 @@ def ops() -> torch._ops._OpNamespace:
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = sorted(str(p) for p in _CSRC.glob("*.cpp"))
     try:
-        load(
+        return load(
             name="flora_native",
             sources=sources,
             extra_cflags=_CFLAGS + _vector_flags(),
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
-            is_python_module=False,
         )
     except (RuntimeError, OSError) as e:
         raise NativeBuildError(
             f"could not build the engine's C++ kernels ({', '.join(Path(s).name for s in sources)}): {e}. "
             "They need g++ and ninja: run scripts/install-system-deps.sh as root (or apt-get install g++ ninja-build)."
         ) from e
-    return torch.ops.flora

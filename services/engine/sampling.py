@@ -42,7 +42,7 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
     """logits [B, V] (float) -> one token per row. Greedy rows take the argmax in one batched op."""
-    tokens = native.ops().argmax_rows.default(logits).tolist()  # = logits.argmax(dim=-1)
+    tokens = native.ops().argmax_rows(logits).tolist()  # = logits.argmax(dim=-1)
     for row, (p, gen) in enumerate(zip(params, generators)):
         if not p.greedy:
             tokens[row] = _sample_row(logits[row].float(), p, gen)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -414,6 +416,34 @@ def test_a_machine_without_the_build_tools_gets_a_clear_error(tmp_path):
     env = {"PATH": str(tmp_path), "FLORA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert "could not build the engine's C++ kernels" in done.stdout and "apt-get install g++ ninja-build" in done.stdout, done.stderr
+
+
+def test_a_running_kernel_lets_other_python_threads_run():
+    """The kernels release the GIL (csrc/bindings.cpp): while the engine's thread is inside one, the
+    server's event loop keeps running. With a switch interval of minutes, the main thread can only
+    get the GIL back from the sleep below if the kernel's thread released it."""
+    ops = native.ops()
+    x, qweight, w_scale = torch.randn(2048, 2048), torch.ones(8192, 2048, dtype=torch.int8), torch.ones(8192)
+    out = torch.empty(2048, 8192)
+    ops.int8_linear_into(out[:8], x[:8], qweight, w_scale, None)  # warm: the first call sets up oneDNN
+    finished = threading.Event()
+
+    def long_kernel():  # ~0.5 s on 2 cores: 2048 x 2048 x 8192 int8 MACs, three times
+        for _ in range(3):
+            ops.int8_linear_into(out, x, qweight, w_scale, None)
+        finished.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(300)
+    try:
+        worker = threading.Thread(target=long_kernel)
+        worker.start()
+        time.sleep(0.05)  # lets the worker take the GIL and enter the kernel
+        got_gil_back_while_running = not finished.is_set()
+    finally:
+        sys.setswitchinterval(interval)
+    worker.join()
+    assert got_gil_back_while_running
 
 
 @pytest.mark.parametrize("width", [1, 15, 16, 17, 100, 49152])

@@ -10,12 +10,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+
+#include "ops.h"
 
 namespace {
 
@@ -43,6 +44,10 @@ void silu_mul_row(T* out, const T* gate, const T* up, int64_t n) {
   }
 }
 
+}  // namespace
+
+namespace flora {
+
 // gate, up [T, F] (rows may be strided: the two halves of a fused gate|up output) -> [T, F].
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.stride(1) == 1 && up.stride(1) == 1,
@@ -63,6 +68,4 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flora, m) { m.def("silu_mul(Tensor gate, Tensor up) -> Tensor", &silu_mul); }
+}  // namespace flora

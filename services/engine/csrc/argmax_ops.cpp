@@ -9,11 +9,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+#include "ops.h"
 
 #include "vec_ops.h"
 
@@ -46,6 +47,10 @@ int64_t argmax_row(const float* p, int64_t n) {
   return i;
 }
 
+}  // namespace
+
+namespace flora {
+
 // logits [B, V] float32 (rows contiguous) -> [B] int64
 at::Tensor argmax_rows(const at::Tensor& logits) {
   TORCH_CHECK(logits.device().is_cpu(), "logits must be on the CPU, got ", logits.device());
@@ -62,6 +67,4 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flora, m) { m.def("argmax_rows(Tensor logits) -> Tensor", &argmax_rows); }
+}  // namespace flora

@@ -18,9 +18,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include "checks.h"
+#include "ops.h"
 #include "vec_ops.h"
 
 #include <algorithm>
@@ -72,6 +72,10 @@ void decode_rows(T* out, const T* q, const T* k_cache, const T* v_cache, const i
     }
   });
 }
+
+}  // namespace
+
+namespace flora {
 
 // k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t] for every new token t: this step's keys and
 // values into the paged cache, both in one call (torch's index_copy_, the reference, took ~30 us
@@ -149,11 +153,4 @@ void paged_decode_attention_(at::Tensor& out, const at::Tensor& q, const at::Ten
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flora, m) {
-  m.def("write_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()", &write_kv_);
-  m.def("paged_decode_attention_(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor kv_index, "
-        "Tensor lengths, float scale) -> ()",
-        &paged_decode_attention_);
-}
+}  // namespace flora

@@ -12,9 +12,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include "checks.h"
+#include "ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -82,27 +82,6 @@ float quantize_row(int8_t* out, const float* in, const float* sc, int64_t width)
   return s;
 }
 
-// x [M, K] float32 (scaled row-wise: v = x[m] * scale[slots[m]] when given) ->
-// (xq [M, K] int8, x_scale [M, 1] float32), v ~= xq * x_scale (quantize_row).
-std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, const std::optional<at::Tensor>& row_scale,
-                                                 const std::optional<at::Tensor>& slots) {
-  check_rows(x, at::kFloat, "x");
-  const int64_t rows = x.size(0), width = x.size(1), stride = x.stride(0);
-  const float* in_scales = row_scales(row_scale, slots, rows, width, "scale");
-  const int64_t* slot = in_scales ? slots->const_data_ptr<int64_t>() : nullptr;
-  at::Tensor xq = at::empty({rows, width}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({rows, 1}, x.options());
-  const float* src = x.const_data_ptr<float>();
-  int8_t* dst = xq.mutable_data_ptr<int8_t>();
-  float* scales = scale.mutable_data_ptr<float>();
-  at::parallel_for(0, rows, row_grain(width), [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      scales[m] = quantize_row(dst + m * width, src + m * stride, in_scales ? in_scales + slot[m] * width : nullptr, width);
-    }
-  });
-  return {xq, scale};
-}
-
 // One row of the epilogue: o = ((acc * x_scale) * w_scale) (* out_scale) (+ bias), torch's order.
 void dequantize_row(float* o, const int32_t* a, float s, const float* ws, const float* rs, const float* b, int64_t width) {
   if (rs) {
@@ -116,34 +95,6 @@ void dequantize_row(float* o, const int32_t* a, float s, const float* ws, const 
 #pragma omp simd
     for (int64_t n = 0; n < width; ++n) o[n] += b[n];
   }
-}
-
-// out [M, N] float32 = acc [M, N] int32 * x_scale [M, 1] * w_scale [N] (* out_scale[slots[m]]) (+ bias [N]),
-// in place. out may be a row slice or a column block of a larger tensor (any row stride).
-void dequantize_into(at::Tensor& out, const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
-                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale,
-                     const std::optional<at::Tensor>& slots) {
-  check_rows(out, at::kFloat, "out");
-  check_rows(acc, at::kInt, "acc");
-  const int64_t rows = acc.size(0), width = acc.size(1);
-  TORCH_CHECK(out.size(0) == rows && out.size(1) == width, "out has shape ", out.sizes(), ", acc ", acc.sizes());
-  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.numel() == rows && x_scale.is_contiguous(),
-              "x_scale must be a contiguous float32 [", rows, ", 1]");
-  check_epilogue(w_scale, bias, width);
-  const bool has_bias = bias.has_value();
-  const float* row_scale = row_scales(out_scale, slots, rows, width, "out_scale");
-  const int64_t* slot = row_scale ? slots->const_data_ptr<int64_t>() : nullptr;
-  const int32_t* in = acc.const_data_ptr<int32_t>();
-  const float* xs = x_scale.const_data_ptr<float>();
-  const float* ws = w_scale.const_data_ptr<float>();
-  const float* b = has_bias ? bias->const_data_ptr<float>() : nullptr;
-  float* dst = out.mutable_data_ptr<float>();
-  const int64_t in_stride = acc.stride(0), out_stride = out.stride(0);
-  at::parallel_for(0, rows, row_grain(width), [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      dequantize_row(dst + m * out_stride, in + m * in_stride, xs[m], ws, row_scale ? row_scale + slot[m] * width : nullptr, b, width);
-    }
-  });
 }
 
 // A part of a (possibly fused) int8 linear's output, output columns [col, col + width) of Wq.
@@ -166,38 +117,6 @@ void gemm_block(const Part& p, int64_t n0, int64_t n1, const at::Tensor& xq, con
     const float* rs = m < p.start ? nullptr : p.out_scale + p.slots[m - p.start] * p.width + (n0 - p.col);
     dequantize_row(out + m * out_stride + n0, a + m * acc.stride(0), xs[m], w_scale + n0, rs, bias ? bias + n0 : nullptr, n1 - n0);
   }
-}
-
-// out [M, N] float32 = the whole int8 linear for x [M, K] float32 and Wq [N, K] int8 (rows contiguous):
-//   quantize_rows(x [∘ in_scale[slots]]) -> _int_mm with Wqᵀ -> dequantize_into (w_scale, bias, out_scale)
-// with the GEMM split by output columns, one block per thread, each a single-threaded oneDNN GEMM
-// followed by its block's epilogue. oneDNN's own 2-thread split of a decode-sized GEMM (32 rows) ran
-// only 1.2-1.5x its 1-thread time on this machine; disjoint column blocks share nothing but x
-// (measured: 20-30 % faster for narrow outputs such as 576->576, even for wide ones; docs/engine.md).
-void int8_linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& w_scale,
-                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_scale,
-                      const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& slots) {
-  check_rows(out, at::kFloat, "out");
-  check_rows(qweight, at::kChar, "qweight");
-  const int64_t rows = x.size(0), width = qweight.size(0);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == qweight.size(1), "x ", x.sizes(), " does not fit the weight [d_out, d_in] ", qweight.sizes());
-  TORCH_CHECK(out.size(0) == rows && out.size(1) == width, "out has shape ", out.sizes(), ", expected [", rows, ", ", width, "]");
-  check_epilogue(w_scale, bias, width);
-  const auto [xq, x_scale] = quantize_rows(x, in_scale, slots);
-  const float* row_scale = row_scales(out_scale, slots, rows, width, "out_scale");
-  if (rows == 0) return;
-  // One part, all columns; its input is quantized above, so only the output scales are needed.
-  const Part whole{0, width, row_scale ? 0 : rows, nullptr, row_scale, row_scale ? slots->const_data_ptr<int64_t>() : nullptr};
-  const float* b = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
-  constexpr int64_t kMinBlock = 64;  // columns per block at least: a floor against tiny GEMM calls (not tuned)
-  const int64_t blocks = std::clamp<int64_t>(width / kMinBlock, 1, at::get_num_threads());
-  const int64_t block = (width + blocks - 1) / blocks;
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t j = first; j < last; ++j) {
-      gemm_block(whole, j * block, std::min(width, (j + 1) * block), xq, x_scale.const_data_ptr<float>(), qweight,
-                 w_scale.const_data_ptr<float>(), b, out.mutable_data_ptr<float>(), out.stride(0));
-    }
-  });
 }
 
 struct Block {  // columns [n0, n1) of one part, run by one thread
@@ -233,6 +152,91 @@ std::vector<std::vector<Block>> schedule(const std::vector<Part>& parts, int64_t
   return per_thread;
 }
 
+}  // namespace
+
+namespace flora {
+
+// x [M, K] float32 (scaled row-wise: v = x[m] * scale[slots[m]] when given) ->
+// (xq [M, K] int8, x_scale [M, 1] float32), v ~= xq * x_scale (quantize_row).
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, const std::optional<at::Tensor>& row_scale,
+                                                 const std::optional<at::Tensor>& slots) {
+  check_rows(x, at::kFloat, "x");
+  const int64_t rows = x.size(0), width = x.size(1), stride = x.stride(0);
+  const float* in_scales = row_scales(row_scale, slots, rows, width, "scale");
+  const int64_t* slot = in_scales ? slots->const_data_ptr<int64_t>() : nullptr;
+  at::Tensor xq = at::empty({rows, width}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({rows, 1}, x.options());
+  const float* src = x.const_data_ptr<float>();
+  int8_t* dst = xq.mutable_data_ptr<int8_t>();
+  float* scales = scale.mutable_data_ptr<float>();
+  at::parallel_for(0, rows, row_grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      scales[m] = quantize_row(dst + m * width, src + m * stride, in_scales ? in_scales + slot[m] * width : nullptr, width);
+    }
+  });
+  return {xq, scale};
+}
+
+// out [M, N] float32 = acc [M, N] int32 * x_scale [M, 1] * w_scale [N] (* out_scale[slots[m]]) (+ bias [N]),
+// in place. out may be a row slice or a column block of a larger tensor (any row stride).
+void dequantize_into(at::Tensor& out, const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out_scale,
+                     const std::optional<at::Tensor>& slots) {
+  check_rows(out, at::kFloat, "out");
+  check_rows(acc, at::kInt, "acc");
+  const int64_t rows = acc.size(0), width = acc.size(1);
+  TORCH_CHECK(out.size(0) == rows && out.size(1) == width, "out has shape ", out.sizes(), ", acc ", acc.sizes());
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.numel() == rows && x_scale.is_contiguous(),
+              "x_scale must be a contiguous float32 [", rows, ", 1]");
+  check_epilogue(w_scale, bias, width);
+  const bool has_bias = bias.has_value();
+  const float* row_scale = row_scales(out_scale, slots, rows, width, "out_scale");
+  const int64_t* slot = row_scale ? slots->const_data_ptr<int64_t>() : nullptr;
+  const int32_t* in = acc.const_data_ptr<int32_t>();
+  const float* xs = x_scale.const_data_ptr<float>();
+  const float* ws = w_scale.const_data_ptr<float>();
+  const float* b = has_bias ? bias->const_data_ptr<float>() : nullptr;
+  float* dst = out.mutable_data_ptr<float>();
+  const int64_t in_stride = acc.stride(0), out_stride = out.stride(0);
+  at::parallel_for(0, rows, row_grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      dequantize_row(dst + m * out_stride, in + m * in_stride, xs[m], ws, row_scale ? row_scale + slot[m] * width : nullptr, b, width);
+    }
+  });
+}
+
+// out [M, N] float32 = the whole int8 linear for x [M, K] float32 and Wq [N, K] int8 (rows contiguous):
+//   quantize_rows(x [∘ in_scale[slots]]) -> _int_mm with Wqᵀ -> dequantize_into (w_scale, bias, out_scale)
+// with the GEMM split by output columns, one block per thread, each a single-threaded oneDNN GEMM
+// followed by its block's epilogue. oneDNN's own 2-thread split of a decode-sized GEMM (32 rows) ran
+// only 1.2-1.5x its 1-thread time on this machine; disjoint column blocks share nothing but x
+// (measured: 20-30 % faster for narrow outputs such as 576->576, even for wide ones; docs/engine.md).
+void int8_linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& w_scale,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_scale,
+                      const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& slots) {
+  check_rows(out, at::kFloat, "out");
+  check_rows(qweight, at::kChar, "qweight");
+  const int64_t rows = x.size(0), width = qweight.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == qweight.size(1), "x ", x.sizes(), " does not fit the weight [d_out, d_in] ", qweight.sizes());
+  TORCH_CHECK(out.size(0) == rows && out.size(1) == width, "out has shape ", out.sizes(), ", expected [", rows, ", ", width, "]");
+  check_epilogue(w_scale, bias, width);
+  const auto [xq, x_scale] = quantize_rows(x, in_scale, slots);
+  const float* row_scale = row_scales(out_scale, slots, rows, width, "out_scale");
+  if (rows == 0) return;
+  // One part, all columns; its input is quantized above, so only the output scales are needed.
+  const Part whole{0, width, row_scale ? 0 : rows, nullptr, row_scale, row_scale ? slots->const_data_ptr<int64_t>() : nullptr};
+  const float* b = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
+  constexpr int64_t kMinBlock = 64;  // columns per block at least: a floor against tiny GEMM calls (not tuned)
+  const int64_t blocks = std::clamp<int64_t>(width / kMinBlock, 1, at::get_num_threads());
+  const int64_t block = (width + blocks - 1) / blocks;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      gemm_block(whole, j * block, std::min(width, (j + 1) * block), xq, x_scale.const_data_ptr<float>(), qweight,
+                 w_scale.const_data_ptr<float>(), b, out.mutable_data_ptr<float>(), out.stride(0));
+    }
+  });
+}
+
 // out [M, N] float32 = the parts of a fused projection, each an int8 linear of x [M, K] with its
 // columns of Wq [N, K] (and w_scale, bias), some of them rank-1 FLoRA on their last rows (Part):
 // per block, the part's input quantized (FLoRA rows scaled by in_scale), one single-threaded
@@ -242,9 +246,9 @@ std::vector<std::vector<Block>> schedule(const std::vector<Part>& parts, int64_t
 // SmolLM2 took 153 us that way, 92 us as one plain fused GEMM. Each row's arithmetic is
 // int8_linear_into's, so the result is bitwise the per-part ops'.
 void int8_parts_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& w_scale,
-                     const std::optional<at::Tensor>& bias, at::IntArrayRef splits, at::IntArrayRef starts,
-                     const c10::List<std::optional<at::Tensor>>& in_scales, const c10::List<std::optional<at::Tensor>>& out_scales,
-                     const c10::List<std::optional<at::Tensor>>& slots) {
+                     const std::optional<at::Tensor>& bias, const std::vector<int64_t>& splits, const std::vector<int64_t>& starts,
+                     const std::vector<std::optional<at::Tensor>>& in_scales, const std::vector<std::optional<at::Tensor>>& out_scales,
+                     const std::vector<std::optional<at::Tensor>>& slots) {
   check_rows(out, at::kFloat, "out");
   check_rows(x, at::kFloat, "x");
   check_rows(qweight, at::kChar, "qweight");
@@ -260,7 +264,9 @@ void int8_parts_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qwe
   for (int64_t p = 0; p < num_parts; ++p) {
     TORCH_CHECK(splits[p] >= 1, "part ", p, " has width ", splits[p]);
     TORCH_CHECK(starts[p] >= 0 && starts[p] <= rows, "part ", p, "'s FLoRA rows start at ", starts[p], ", outside [0, ", rows, "]");
-    const std::optional<at::Tensor> in = in_scales.get(p), out_s = out_scales.get(p), sl = slots.get(p);
+    const std::optional<at::Tensor>& in = in_scales[p];
+    const std::optional<at::Tensor>& out_s = out_scales[p];
+    const std::optional<at::Tensor>& sl = slots[p];
     TORCH_CHECK(in.has_value() == out_s.has_value(), "part ", p, ": in_scale and out_scale come together");
     const int64_t scaled_rows = in.has_value() ? rows - starts[p] : 0;
     parts.push_back({col, splits[p], starts[p], row_scales(in, sl, scaled_rows, d_in, "in_scale"),
@@ -297,17 +303,4 @@ void int8_parts_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& qwe
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flora, m) {
-  m.def("quantize_rows(Tensor x, Tensor? scale=None, Tensor? slots=None) -> (Tensor, Tensor)", &quantize_rows);
-  m.def("dequantize_into(Tensor(a!) out, Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias, Tensor? out_scale=None, "
-        "Tensor? slots=None) -> ()",
-        &dequantize_into);
-  m.def("int8_linear_into(Tensor(a!) out, Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, Tensor? in_scale=None, "
-        "Tensor? out_scale=None, Tensor? slots=None) -> ()",
-        &int8_linear_into);
-  m.def("int8_parts_into(Tensor(a!) out, Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, int[] splits, int[] starts, "
-        "Tensor?[] in_scales, Tensor?[] out_scales, Tensor?[] slots) -> ()",
-        &int8_parts_into);
-}
+}  // namespace flora

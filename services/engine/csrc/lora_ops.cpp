@@ -18,7 +18,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -27,6 +26,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "ops.h"
 #include "vec_ops.h"
 
 namespace {
@@ -110,6 +110,10 @@ void check_scales(const at::Tensor& a, const std::optional<at::Tensor>& a_scale,
   }
 }
 
+}  // namespace
+
+namespace flora {
+
 // y[start + t] += (x[start + t] @ a[slots[t]]^T) @ b[slots[t]] for t < n = len(slots), in place:
 // one pool group's rows of the whole batch, addressed by offset (no sliced views to make per call).
 void lora_bgmv_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots, int64_t start,
@@ -153,9 +157,4 @@ void lora_bgmv_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const a
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flora, m) {
-  m.def("lora_bgmv_(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor slots, int start, Tensor? a_scale=None, Tensor? b_scale=None) -> ()",
-        &lora_bgmv_);
-}
+}  // namespace flora

@@ -10,11 +10,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+
+#include "ops.h"
 
 namespace {
 
@@ -37,6 +38,10 @@ void rms_norm_rows(T* y, const T* x, const T* w, int64_t rows, int64_t width, in
   });
 }
 
+}  // namespace
+
+namespace flora {
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D rows [T, d] with contiguous rows, got ", x.sizes());
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(), "weight must be a contiguous [",
@@ -52,6 +57,4 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flora, m) { m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm); }
+}  // namespace flora

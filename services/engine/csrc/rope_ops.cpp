@@ -10,10 +10,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+
+#include "ops.h"
 
 namespace {
 
@@ -47,6 +48,10 @@ void rope_rows(T* out, const T* x, const T* cos, const T* sin, int64_t rows, int
   });
 }
 
+}  // namespace
+
+namespace flora {
+
 // x [T, heads * D] (rows may be strided: a column block of a fused q,k,v output), cos/sin [T, D]
 // -> [T, heads, D], contiguous.
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
@@ -66,6 +71,4 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flora, m) { m.def("rope(Tensor x, Tensor cos, Tensor sin, int heads) -> Tensor", &rope); }
+}  // namespace flora

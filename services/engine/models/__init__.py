@@ -76,7 +76,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] -> [T, d]"""
-        return native.ops().rms_norm.default(x, self.weight, self.eps)
+        return native.ops().rms_norm(x, self.weight, self.eps)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

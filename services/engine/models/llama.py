@@ -179,8 +179,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, d], cos/sin [T, D] -> [T, d]"""
         q, k, v = self.qkv(x)  # [T, H·D], [T, kvH·D], [T, kvH·D]
-        q = native.ops().rope.default(q, cos, sin, self.n_head)  # [T, H, D]   (= apply_rope)
-        k = native.ops().rope.default(k, cos, sin, self.kv_heads)  # [T, kvH, D]
+        q = native.ops().rope(q, cos, sin, self.n_head)  # [T, H, D]   (= apply_rope)
+        k = native.ops().rope(k, cos, sin, self.kv_heads)  # [T, kvH, D]
         v = v.unflatten(1, (self.kv_heads, self.head_dim))  # [T, kvH, D]
         y = paged_attention(q, k, v, require_cache(self.k_cache), self.v_cache, get_attention_batch(), self.scale)  # [T, H, D]
         return self.o_proj(y.flatten(1))
@@ -203,7 +203,7 @@ class MLP(nn.Module):
 
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up in one pass (csrc/activation_ops.cpp; bitwise F.silu(gate) * up in fp32)."""
-    return native.ops().silu_mul.default(gate, up)
+    return native.ops().silu_mul(gate, up)
 
 
 def _act_mul(act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
