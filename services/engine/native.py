@@ -1,7 +1,7 @@
 """The engine's compiled CPU kernels (csrc/*.cpp), built once per machine on first use.
 
 torch.utils.cpp_extension compiles them with the machine's g++ and ninja (both installed
-by scripts/install-system-deps.sh) into <cache>/torch_extensions/ (~50 s on 2 cores, once; later
+by scripts/install-system-deps.sh) into <cache>/torch_extensions/ (~80 s on 2 cores, once; later
 processes load the built library in milliseconds, and an edited source is rebuilt). They
 form one Python module of plain functions (csrc/bindings.cpp: pybind11 rather than torch.ops,
 whose per-call cost in the engine was 10-20 us) and split work on torch's own OpenMP pool.
