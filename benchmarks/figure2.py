@@ -7,7 +7,8 @@ A StarCoderBase-1B-shaped model (random weights; fp32, or int8 with --quantizati
 1, 2, 4, 8, 16. Per rank, four engines configurations run back to back on the same
 model: no adapter (the reference), FLoRA (the cost model picks flora / flora_segment
 per batch), LoRA with the paper's torch.bmm baseline, and LoRA with the cost model's
-best path. Left: generated tokens/s for `--requests` concurrent requests. Right:
+best path. Left: generated tokens/s for `--requests` concurrent requests (median of
+`--repeats` runs, the configurations taking turns). Right:
 seconds per output token under Poisson arrivals at `--rate` requests/s (default:
 0.8× what the no-adapter engine sustains here). Writes <out>/figure2.{json,md,png}
 (figure2-int8.* for int8 weights).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -139,7 +141,8 @@ def markdown(report: dict) -> str:
     names = report["configs"]
     lines = [f"# Figure 2 on this machine — {report['machine']}", "", f"Command: `{report['command']}`", ""]
     lines += [f"{report['model']}-shaped model (random weights, {report['weights']} weights, fp32 activations, {report['threads']} torch threads), adapters on `attn.c_attn`, every request its own adapter.",
-              f"Throughput: {report['requests']} concurrent requests, {report['prompt_len']}-token prompts, {report['new_tokens']} new tokens each. "
+              f"Throughput: {report['requests']} concurrent requests, {report['prompt_len']}-token prompts, {report['new_tokens']} new tokens each, "
+              f"median of {report['repeats']} runs per cell (the configurations taking turns in rotating order). "
               f"Latency: {report['latency_requests']} requests arriving as a Poisson process at {report['rate']:.2f} req/s.", "", f"Paper: {PAPER}.", ""]
     for title, key, fmt in (("Throughput (generated tokens/s)", "throughput", "{:.1f}"), ("Latency (seconds per output token)", "latency", "{:.3f}")):
         lines += [f"## {title}", "", "| rank | " + " | ".join(names) + " | FLoRA / bmm LoRA |", "|---" * (len(names) + 2) + "|"]
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--latency-requests", type=int, default=16)
     parser.add_argument("--rate", type=float, help="Poisson arrival rate, requests/s (default: 0.8x the measured no-adapter rate)")
+    parser.add_argument("--repeats", type=int, default=3, help="throughput runs per cell, configurations in rotating order; the median is reported")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantization", choices=[q.value for q in Quantization], default="none", help="base weights: fp32 (none) or int8")
     args = parser.parse_args(argv)
@@ -168,10 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     throughput(engine, adapter_ids(CONFIGS[0], 1, 2), args.prompt_len, 2)  # warm-up
     rows = []
     for rank in RANKS:
-        tput = {}
-        for config in CONFIGS:
-            use(engine, config, cost_model)
-            tput[config.name] = throughput(engine, adapter_ids(config, rank, args.requests), args.prompt_len, args.new_tokens)
+        runs: dict[str, list[float]] = {c.name: [] for c in CONFIGS}
+        for repeat in range(args.repeats):  # the configurations in turn, rotated: a slow minute hits each alike
+            for config in CONFIGS[repeat % len(CONFIGS) :] + CONFIGS[: repeat % len(CONFIGS)]:
+                use(engine, config, cost_model)
+                runs[config.name].append(throughput(engine, adapter_ids(config, rank, args.requests), args.prompt_len, args.new_tokens))
+        tput = {name: statistics.median(v) for name, v in runs.items()}
         rows.append(dict(rank=rank, throughput=tput))
         print(f"  rank {rank}: " + ", ".join(f"{k} {v:.1f}" for k, v in tput.items()) + " tok/s", file=sys.stderr, flush=True)
     rate = args.rate or 0.8 * rows[0]["throughput"]["no adapter"] / args.new_tokens
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     report = dict(
         command="flora-gateway bench figure2 " + " ".join(argv if argv is not None else sys.argv[1:]),
         machine=machine(), model=args.model, weights="fp32" if quantization is Quantization.NONE else quantization.value,
-        threads=args.threads, requests=args.requests, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+        threads=args.threads, repeats=args.repeats, requests=args.requests, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         latency_requests=args.latency_requests, rate=rate, configs=[c.name for c in CONFIGS], ranks=rows,
     )
     args.out.mkdir(parents=True, exist_ok=True)
