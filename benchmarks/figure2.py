@@ -4,13 +4,14 @@
 
 A StarCoderBase-1B-shaped model (random weights; fp32, or int8 with --quantization int8) with adapters on the fused
 `attn.c_attn` (the paper's q,k target), every request its own adapter, at ranks
-1, 2, 4, 8, 16. Per rank, four engines configurations run back to back on the same
+1, 2, 4, 8, 16. Per rank, four configurations of one engine take turns on the same
 model: no adapter (the reference), FLoRA (the cost model picks flora / flora_segment
 per batch), LoRA with the paper's torch.bmm baseline, and LoRA with the cost model's
-best path. Left: generated tokens/s for `--requests` concurrent requests (median of
-`--repeats` runs, the configurations taking turns). Right:
-seconds per output token under Poisson arrivals at `--rate` requests/s (default:
-0.8× what the no-adapter engine sustains here). Writes <out>/figure2.{json,md,png}
+best path. Left: generated tokens/s for `--requests` concurrent requests, the median of
+`--repeats` runs in rotating order (a slow minute of a shared host then hits every
+configuration alike instead of one cell). Right: seconds per output token under
+Poisson arrivals at `--rate` requests/s (default: 0.8× what the no-adapter engine
+sustains here). Writes <out>/figure2.{json,md,png}
 (figure2-int8.* for int8 weights).
 """
 
@@ -167,13 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantization", choices=[q.value for q in Quantization], default="none", help="base weights: fp32 (none) or int8")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     quantization = Quantization(args.quantization)
     engine, cost_model = build(args.requests, args.threads, args.model, quantization)
     throughput(engine, adapter_ids(CONFIGS[0], 1, 2), args.prompt_len, 2)  # warm-up
     rows = []
     for rank in RANKS:
         runs: dict[str, list[float]] = {c.name: [] for c in CONFIGS}
-        for repeat in range(args.repeats):  # the configurations in turn, rotated: a slow minute hits each alike
+        for repeat in range(args.repeats):
             for config in CONFIGS[repeat % len(CONFIGS) :] + CONFIGS[: repeat % len(CONFIGS)]:
                 use(engine, config, cost_model)
                 runs[config.name].append(throughput(engine, adapter_ids(config, rank, args.requests), args.prompt_len, args.new_tokens))
