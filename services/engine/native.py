@@ -3,8 +3,8 @@
 torch.utils.cpp_extension compiles them with the machine's g++ and ninja (both installed
 by scripts/install-system-deps.sh) into <cache>/torch_extensions/ (~80 s on 2 cores, once; later
 processes load the built library in milliseconds, and an edited source is rebuilt). They
-form one Python module of plain functions (csrc/bindings.cpp: pybind11 rather than torch.ops,
-whose per-call cost in the engine was 10-20 us) and split work on torch's own OpenMP pool.
+form one Python module of plain functions (csrc/bindings.cpp says why pybind11 and not
+torch.ops) and split work on torch's own OpenMP pool.
 Each kernel has a plain-torch reference that the tests hold it to (named at the top of its
 source file; docs/engine.md has the table).
 """

@@ -1,6 +1,7 @@
 // The engine's kernels, as C++ functions: each is defined (and documented) in the file named
 // above it and bound to Python in bindings.cpp (services/engine/native.py: `native.ops()`).
-// Functions ending in `_` write into their first tensor argument(s); the others return new tensors.
+// Functions ending in `_` or `_into` write into their first tensor argument(s); the others return
+// new tensors.
 
 #pragma once
 
