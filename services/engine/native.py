@@ -1,7 +1,7 @@
 """The engine's compiled CPU kernels (csrc/*.cpp), built once per machine on first use.
 
-torch.utils.cpp_extension compiles them with the machine's g++ and ninja (both installed
-by scripts/install-system-deps.sh) into <cache>/torch_extensions/ (~80 s on 2 cores, once; later
+torch.utils.cpp_extension compiles them with the machine's g++, ninja and Python headers
+(installed by scripts/install-system-deps.sh) into <cache>/torch_extensions/ (~80 s on 2 cores, once; later
 processes load the built library in milliseconds, and an edited source is rebuilt). They
 form one Python module of plain functions (csrc/bindings.cpp says why pybind11 and not
 torch.ops) and split work on torch's own OpenMP pool.
@@ -68,5 +68,5 @@ def ops() -> ModuleType:
     except (RuntimeError, OSError) as e:
         raise NativeBuildError(
             f"could not build the engine's C++ kernels ({', '.join(Path(s).name for s in sources)}): {e}. "
-            "They need g++ and ninja: run scripts/install-system-deps.sh as root (or apt-get install g++ ninja-build)."
+            "They need g++, ninja and the Python headers: run scripts/install-system-deps.sh as root (or apt-get install g++ ninja-build python3-dev)."
         ) from e
