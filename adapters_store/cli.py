@@ -12,7 +12,7 @@ from adapters_store.names import AdapterRef, check_name
 from adapters_store.registry import Quota, VersionRecord
 from adapters_store.render import Output, size, table, tenant_text, version_text
 from adapters_store.settings import Settings
-from adapters_store.store import AdapterStore, UploadResult, default_tenant, prepare
+from adapters_store.store import AdapterStore, DeleteResult, UploadResult, default_tenant, prepare
 from adapters_store.validation import BaseModel
 
 DESCRIPTION = """\
@@ -131,6 +131,13 @@ def _tenant_commands(tenant: argparse.ArgumentParser, common: argparse.ArgumentP
     p = add("set-quota", cmd_tenant_set_quota, "change a tenant's quota (0 = unlimited; omitted = unchanged)")
     p.add_argument("tenant", metavar="TENANT", help="tenant name")
     _quota_options(p)
+    p = add("delete", cmd_tenant_delete, "delete a tenant and its API key",
+            "Refused while the tenant has live adapter versions, unless --force: then they are deleted\n"
+            "as `adapterctl delete` deletes them, and their blobs once no live version uses them. The\n"
+            "tenant's API key stops working at once. A tenant created again under the same name gets a\n"
+            "new key and continues the old version numbers.")  # fmt: skip
+    p.add_argument("tenant", metavar="TENANT", help="tenant name")
+    p.add_argument("--force", action="store_true", help="delete its live adapter versions too, the current one included")
 
 
 def _adder(commands, common: argparse.ArgumentParser):
@@ -298,13 +305,18 @@ def cmd_rollback(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_delete(args: argparse.Namespace, out: Output) -> int:
-    results = _store(args).delete(args.ref, args.force)
+    data, lines = _deleted(_store(args).delete(args.ref, args.force), out)
+    out.result(data, "\n".join(lines))
+    return 0
+
+
+def _deleted(results: list[DeleteResult], out: Output) -> tuple[list[dict], list[str]]:
+    """Deleted versions as JSON and as text lines; a kept blob's warning goes to stderr now."""
     for r in results:
         if r.warning:
             out.note(f"adapterctl: warning: {r.warning}")
     data = [{"deleted": str(r.version), "blob_deleted": r.blob_deleted, "warning": r.warning} for r in results]
-    out.result(data, "\n".join(f"deleted {r.version}" + (" (blob removed)" if r.blob_deleted else "") for r in results))
-    return 0
+    return data, [f"deleted {r.version}" + (" (blob removed)" if r.blob_deleted else "") for r in results]
 
 
 def cmd_download(args: argparse.Namespace, out: Output) -> int:
@@ -350,6 +362,13 @@ def cmd_tenant_set_quota(args: argparse.Namespace, out: Output) -> int:
     registry.set_quota(check_name(args.tenant), changes)
     record = registry.tenant(args.tenant)
     out.result(record.to_json(), tenant_text(record, registry.adapters(args.tenant)))
+    return 0
+
+
+def cmd_tenant_delete(args: argparse.Namespace, out: Output) -> int:
+    data, lines = _deleted(_store(args).delete_tenant(args.tenant, args.force), out)
+    lines.append(f"deleted tenant {args.tenant}; its API key no longer works")
+    out.result({"tenant": args.tenant, "versions": data}, "\n".join(lines))
     return 0
 
 

@@ -21,12 +21,18 @@ runs a script alone) and its notice is published in the same step, on the
 channel (default "flora:changed"), as a small JSON object:
 
   {"event": "tenant_created" | "key_rotated" | "quota_changed" | "version_added"
-            | "alias_moved" | "version_deleted",
+            | "alias_moved" | "version_deleted" | "tenant_deleted",
    "tenant": "user42", "adapter": "default", "version": 3, "from": "default@2", "at": 1700000000.0}
 
 ("adapter", "version", "from" only where they apply.) Scripts check everything
 before their first write, because Redis does not roll a script back on error.
 Scripts compute key names, so this needs a single Redis primary, not Redis Cluster.
+
+Deleting a tenant announces each of its live versions as "version_deleted", then
+"tenant_deleted". It removes every key of the tenant but its version hashes (kept and
+marked deleted, as any deleted version's) and its adapters' seq counters: a tenant
+created again under the same name continues the numbering, so a reference such as
+user42/default@1 never names two different adapters (caches keyed by one stay right).
 """
 
 from __future__ import annotations
@@ -150,7 +156,26 @@ local function move_alias(t, target, remember)
   publish('alias_moved', t, a, v, current ~= '' and current or nil)
   return 1
 end
-""" % {"history": HISTORY}
+-- Mark a live version deleted; its blob, if no live version uses it any more, is flagged as being
+-- deleted (uploads of the same bytes wait) and reported orphaned: the caller deletes it.
+local function delete_version(t, a, v)
+  local vs, vkey, ref = versions_key(t, a), version_key(t, a, v), a .. '@' .. v
+  local sha = redis.call('HGET', vkey, 'sha256')
+  redis.call('HSET', vkey, 'status', 'deleted', 'deleted_at', now)
+  redis.call('ZREM', vs, v)
+  redis.call('LREM', tenant_key(t) .. ':history', 0, ref)
+  if redis.call('ZCARD', vs) == 0 then redis.call('SREM', tenant_key(t) .. ':adapters', a) end
+  local refs = p .. ':blob:' .. sha
+  redis.call('SREM', refs, t .. '/' .. ref)
+  local orphaned = 0
+  if redis.call('SCARD', refs) == 0 then
+    redis.call('SET', refs .. ':deleting', now, 'EX', %(ttl)d)
+    orphaned = 1
+  end
+  publish('version_deleted', t, a, v)
+  return {orphaned, sha}
+end
+""" % {"history": HISTORY, "ttl": BLOB_DELETE_TTL_S}
 
 # ARGV: ... tenant, key_hash, requests_per_minute, tokens_per_minute, max_concurrent
 _CREATE_TENANT = """
@@ -270,21 +295,35 @@ if released and not force and tonumber(now) - released < grace then
   fail('CONFLICT', t .. '/' .. ref .. ' was the current adapter ' .. math.floor(tonumber(now) - released) ..
        ' s ago and in-flight requests may still use it: retry after ' .. grace .. ' s or pass --force')
 end
-local sha = redis.call('HGET', vkey, 'sha256')
-redis.call('HSET', vkey, 'status', 'deleted', 'deleted_at', now)
-redis.call('ZREM', vs, v)
-redis.call('LREM', tenant_key(t) .. ':history', 0, ref)
-if redis.call('ZCARD', vs) == 0 then redis.call('SREM', tenant_key(t) .. ':adapters', a) end
-local refs = p .. ':blob:' .. sha
-redis.call('SREM', refs, t .. '/' .. ref)
-local orphaned = 0
-if redis.call('SCARD', refs) == 0 then
-  redis.call('SET', refs .. ':deleting', now, 'EX', %(ttl)d)
-  orphaned = 1
+return delete_version(t, a, v)
+"""
+
+# ARGV: ... tenant, force ("1" | "0"). Returns {adapter, version, orphaned, sha256} per deleted version.
+_DELETE_TENANT = """
+local t, force = ARGV[4], ARGV[5] == '1'
+need_tenant(t)
+local tkey = tenant_key(t)
+local adapters = redis.call('SMEMBERS', tkey .. ':adapters')
+table.sort(adapters)  -- a set's order is arbitrary; notices and the reply should not be
+local live = {}
+for _, a in ipairs(adapters) do
+  for _, v in ipairs(redis.call('ZRANGE', versions_key(t, a), 0, -1)) do table.insert(live, {a, v}) end
 end
-publish('version_deleted', t, a, v)
-return {orphaned, sha}
-""" % {"ttl": BLOB_DELETE_TTL_S}
+if #live > 0 and not force then
+  fail('CONFLICT', 'tenant ' .. t .. ' has ' .. #live .. ' live adapter version(s): pass --force to delete them with the tenant')
+end
+local deleted = {}
+for _, av in ipairs(live) do
+  local a, v = av[1], av[2]
+  local result = delete_version(t, a, v)  -- {orphaned, sha256}
+  table.insert(deleted, {a, tonumber(v), result[1], result[2]})
+end
+local key_hash = redis.call('HGET', tkey, 'key_sha256')
+redis.call('DEL', tkey, tkey .. ':history', tkey .. ':adapters', p .. ':apikey:' .. key_hash)
+redis.call('SREM', p .. ':tenants', t)
+publish('tenant_deleted', t)
+return deleted
+"""
 
 
 _SCRIPT_LOCATION = re.compile(r"\s*script: [0-9a-f]+, on @user_script:\d+\.?$")
@@ -324,7 +363,8 @@ class Registry:
         self.client, self.where, self.prefix, self.channel = client, where, prefix, channel
         self.delete_grace_s = delete_grace_s
         scripts = {"create_tenant": _CREATE_TENANT, "rotate_key": _ROTATE_KEY, "set_quota": _SET_QUOTA,
-                   "register": _REGISTER, "assign": _ASSIGN, "rollback": _ROLLBACK, "delete": _DELETE}  # fmt: skip
+                   "register": _REGISTER, "assign": _ASSIGN, "rollback": _ROLLBACK, "delete": _DELETE,
+                   "delete_tenant": _DELETE_TENANT}  # fmt: skip
         self._scripts = {name: client.register_script(_PRELUDE + body) for name, body in scripts.items()}
 
     @staticmethod
@@ -377,6 +417,15 @@ class Registry:
     @_translated
     def rotate_key(self, tenant: str, key_sha256: str) -> None:
         self._run("rotate_key", tenant, key_sha256)
+
+    @_translated
+    def delete_tenant(self, tenant: str, force: bool = False) -> list[tuple[AdapterRef, str, bool]]:
+        """Remove the tenant, its API key and alias history; refused while it has live versions
+        unless `force`, which deletes them as `delete_version` does (no grace period: the tenant is gone).
+        Returns (version, sha256, orphaned) per version deleted; the caller deletes each orphaned
+        blob, then calls `finish_blob_delete`."""
+        rows = self._run("delete_tenant", tenant, int(force))
+        return [(AdapterRef(tenant, name, int(v)), sha, bool(orphaned)) for name, v, orphaned, sha in rows]
 
     @_translated
     def set_quota(self, tenant: str, changes: dict[str, int]) -> None:

@@ -9,6 +9,8 @@ records nothing. The registry never points at a blob that is not completely stor
 
 Delete goes the other way: the registry first (it refuses while a version is
 referenced), the blob last and only when no live version uses it any more.
+Deleting a tenant is one registry step for all of its versions, then the same
+blob clean-up for each blob they leave unused.
 """
 
 from __future__ import annotations
@@ -144,6 +146,11 @@ class AdapterStore:
 
     def _delete_version(self, ref: AdapterRef, force: bool) -> DeleteResult:
         sha, orphaned = self.registry.delete_version(ref.tenant, ref.name, ref.version, force)
+        return self._finish_delete(ref, sha, orphaned)
+
+    def _finish_delete(self, ref: AdapterRef, sha: str, orphaned: bool) -> DeleteResult:
+        """After the registry deleted `ref`: delete its blob if no live version uses it any more
+        (`orphaned`; the registry has flagged the blob as being deleted until we finish)."""
         if not orphaned:
             return DeleteResult(ref, blob_deleted=False)
         try:
@@ -167,3 +174,9 @@ class AdapterStore:
         token, key_hash = new_api_key()
         self.registry.rotate_key(check_name(tenant), key_hash)
         return token
+
+    def delete_tenant(self, tenant: str, force: bool = False) -> list[DeleteResult]:
+        """Delete a tenant and its API key; refused while it has live versions unless `force`, which
+        deletes them too (one result each) and then every blob no live version uses any more."""
+        deleted = self.registry.delete_tenant(check_name(tenant), force)
+        return [self._finish_delete(ref, sha, orphaned) for ref, sha, orphaned in deleted]

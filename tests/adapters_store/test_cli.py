@@ -145,6 +145,41 @@ def test_tenant_commands(store_env):
     assert (unknown.code, unknown.err.strip()) == (4, "adapterctl: error: tenant ghost does not exist")
 
 
+def test_tenant_delete(store_env, tmp_path):
+    """Refused while versions live; --force deletes them, their unshared blobs and the key; the name can be reused."""
+    old_key = run_cli("upload", write_adapter(tmp_path / "user42.safetensors", seed=1), "--json").json["api_key"]
+    assert run_cli("upload", write_adapter(tmp_path / "user42.safetensors", seed=2)).code == 0
+    assert run_cli("upload", write_adapter(tmp_path / "team.safetensors", seed=1)).code == 0  # shares default@1's blob
+    refused = run_cli("tenant", "delete", "user42")
+    assert (refused.code, refused.err) == (5, "adapterctl: error: tenant user42 has 2 live adapter version(s): pass --force to delete them with the tenant\n")
+    assert len(store_env.s3_keys()) == 2
+
+    deleted = run_cli("tenant", "delete", "user42", "--force")
+    assert (deleted.code, deleted.err) == (0, "")
+    assert deleted.out.splitlines() == ["deleted user42/default@1", "deleted user42/default@2 (blob removed)",
+                                        "deleted tenant user42; its API key no longer works"]  # fmt: skip
+    team_sha = run_cli("show", "team", "--json").json["sha256"]
+    assert store_env.s3_keys() == [f"{store_env.prefix}/sha256/{team_sha[:2]}/{team_sha}"]
+    assert [k for k in store_env.redis_keys() if "user42" in k or k.startswith("flora:blob:")] == [
+        "flora:adapter:user42:default:seq", f"flora:blob:{team_sha}", "flora:version:user42:default:1", "flora:version:user42:default:2",
+    ]  # no tenant, key, history or adapter set; the blob being deleted is no longer flagged
+    assert [t["tenant"] for t in run_cli("list", "--json").json] == ["team"]
+    missing = run_cli("tenant", "delete", "user42", "--force")
+    assert (missing.code, missing.err) == (4, "adapterctl: error: tenant user42 does not exist\n")
+
+    registry = Registry.connect(store_env.settings)
+    new_key = run_cli("tenant", "create", "user42", "--json").json["api_key"]
+    assert registry.tenant_for_key(hash_api_key(old_key)) is None and registry.tenant_for_key(hash_api_key(new_key)) == "user42"
+    assert run_cli("upload", write_adapter(tmp_path / "user42.safetensors", seed=3)).out.startswith("stored user42/default@3 ")
+
+
+def test_tenant_delete_without_versions_needs_no_force(store_env):
+    assert run_cli("tenant", "create", "acme").code == 0
+    deleted = run_cli("tenant", "delete", "acme", "--json")
+    assert (deleted.code, deleted.json) == (0, {"tenant": "acme", "versions": []})
+    assert store_env.redis_keys() == []
+
+
 def test_upload_to_an_existing_tenant_with_options(store_env, tmp_path):
     run_cli("tenant", "create", "acme")
     source = write_adapter(tmp_path / "whatever.safetensors")
@@ -194,7 +229,7 @@ def test_base_model_must_be_configured(store_env, tmp_path, monkeypatch):
 
 
 COMMANDS = ["upload", "validate", "list", "show", "assign", "rollback", "delete", "download", "tenant",
-            "tenant create", "tenant show", "tenant rotate-key", "tenant set-quota"]  # fmt: skip
+            "tenant create", "tenant show", "tenant rotate-key", "tenant set-quota", "tenant delete"]  # fmt: skip
 
 
 def test_main_help_lists_every_command():

@@ -155,6 +155,15 @@ def test_uploads_wait_while_their_blob_is_being_deleted(registry):
     assert _register(registry, i=1).version.version == 2
 
 
+def _notices(pubsub, count: int) -> list[dict]:
+    """The next `count` change notices (fewer if they do not come within 5 s), without their times."""
+    messages, deadline = [], time.monotonic() + 5
+    while len(messages) < count and time.monotonic() < deadline:
+        if (message := pubsub.get_message(timeout=0.5)) is not None:
+            messages.append({k: v for k, v in json.loads(message["data"]).items() if k != "at"})
+    return messages
+
+
 def test_every_change_is_announced(registry):
     pubsub = registry.subscribe()
     registry.create_tenant("u1", "h")
@@ -164,11 +173,7 @@ def test_every_change_is_announced(registry):
     registry.delete_version("u1", "default", 2)
     registry.set_quota("u1", {"max_concurrent": 2})
     registry.rotate_key("u1", "h2")
-    messages, deadline = [], time.monotonic() + 5
-    while len(messages) < 9 and time.monotonic() < deadline:
-        if (message := pubsub.get_message(timeout=0.5)) is not None:
-            messages.append({k: v for k, v in json.loads(message["data"]).items() if k != "at"})
-    assert messages == [
+    assert _notices(pubsub, 9) == [
         {"event": "tenant_created", "tenant": "u1"},
         {"event": "version_added", "tenant": "u1", "adapter": "default", "version": 1},
         {"event": "alias_moved", "tenant": "u1", "adapter": "default", "version": 1},
@@ -178,6 +183,73 @@ def test_every_change_is_announced(registry):
         {"event": "version_deleted", "tenant": "u1", "adapter": "default", "version": 2},
         {"event": "quota_changed", "tenant": "u1"},
         {"event": "key_rotated", "tenant": "u1"},
+    ]
+
+
+def _tenant_with_versions(registry: Registry) -> str:
+    """Tenant u1 with default@1, default@2 (current, default@1 in its history) and other@1, whose
+    blob tenant u2's default@1 shares. Returns u1's key hash."""
+    key_hash = new_api_key()[1]
+    registry.create_tenant("u1", key_hash)
+    _register(registry, i=1)
+    _register(registry, i=2)
+    _register(registry, "u1", "other", i=3, assign=False)
+    registry.create_tenant("u2", "h2")
+    _register(registry, "u2", i=3)
+    return key_hash
+
+
+def test_deleting_a_tenant_is_refused_while_it_has_live_versions(registry, store_env):
+    _tenant_with_versions(registry)
+    client = store_env.redis.client()
+    before = {k: client.dump(k) for k in store_env.redis_keys()}
+    with pytest.raises(ConflictError, match=r"^tenant u1 has 3 live adapter version\(s\): pass --force to delete them with the tenant$"):
+        registry.delete_tenant("u1")
+    assert {k: client.dump(k) for k in store_env.redis_keys()} == before
+    with pytest.raises(NotFoundError, match="^tenant ghost does not exist$"):
+        registry.delete_tenant("ghost", force=True)
+
+
+def test_deleting_a_tenant_with_force_leaves_only_its_deleted_versions_and_counters(registry, store_env):
+    key_hash = _tenant_with_versions(registry)
+    assert registry.delete_tenant("u1", force=True) == [
+        (AdapterRef("u1", "default", 1), _sha(1), True),
+        (AdapterRef("u1", "default", 2), _sha(2), True),
+        (AdapterRef("u1", "other", 1), _sha(3), False),  # u2 still uses this blob
+    ]
+    u1_left = ["flora:adapter:u1:default:seq", "flora:adapter:u1:other:seq",
+               "flora:version:u1:default:1", "flora:version:u1:default:2", "flora:version:u1:other:1"]  # fmt: skip
+    being_deleted = [f"flora:blob:{_sha(1)}:deleting", f"flora:blob:{_sha(2)}:deleting"]  # until the store deletes them
+    u2 = ["flora:adapter:u2:default:seq", "flora:adapter:u2:default:versions", f"flora:blob:{_sha(3)}",
+          "flora:apikey:h2", "flora:tenant:u2", "flora:tenant:u2:adapters", "flora:tenants", "flora:version:u2:default:1"]  # fmt: skip
+    assert store_env.redis_keys() == sorted(u1_left + being_deleted + u2)
+    assert {r.status for name in ("default", "other") for r in registry.versions("u1", name)} == {"deleted"}
+    assert registry.tenants() == ["u2"] and registry.tenant_for_key(key_hash) is None
+    assert registry.blob_refs(_sha(3)) == {"u2/default@1"}
+
+
+def test_a_deleted_tenant_can_be_created_again_with_a_new_key(registry):
+    old_hash = _tenant_with_versions(registry)
+    registry.delete_tenant("u1", force=True)
+    new_hash = new_api_key()[1]
+    registry.create_tenant("u1", new_hash)
+    assert registry.tenant_for_key(old_hash) is None and registry.tenant_for_key(new_hash) == "u1"
+    assert registry.tenant("u1").alias is None and registry.adapters("u1") == []
+    # Version numbers continue: u1/default@1 keeps meaning the deleted adapter, never a new one.
+    assert _register(registry, i=4).version.ref == AdapterRef("u1", "default", 3)
+    registry.create_tenant("empty", "h3")
+    assert registry.delete_tenant("empty") == []  # nothing live: no --force needed
+
+
+def test_deleting_a_tenant_announces_its_versions_then_the_tenant(registry):
+    _tenant_with_versions(registry)
+    pubsub = registry.subscribe()
+    registry.delete_tenant("u1", force=True)
+    assert _notices(pubsub, 4) == [
+        {"event": "version_deleted", "tenant": "u1", "adapter": "default", "version": 1},
+        {"event": "version_deleted", "tenant": "u1", "adapter": "default", "version": 2},
+        {"event": "version_deleted", "tenant": "u1", "adapter": "other", "version": 1},
+        {"event": "tenant_deleted", "tenant": "u1"},
     ]
 
 
