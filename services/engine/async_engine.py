@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from services.engine.adapter_manager import Adapter
-from services.engine.engine import LLMEngine, StepOutput
+from services.engine.engine import EngineLoad, LLMEngine, StepOutput, StepStats
 from services.engine.sampling import SamplingParams
 
 
@@ -38,6 +38,26 @@ class AsyncEngine:
         with self._lock:
             self.engine.add_adapter(adapter)
         self._work.set()  # requests waiting for this adapter can start
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        with self._lock:
+            self.engine.remove_adapter(adapter_id)
+
+    def adapter_in_use(self, adapter_id: str) -> bool:
+        with self._lock:
+            return bool(self.engine.adapter_users[adapter_id])
+
+    def load(self) -> EngineLoad:
+        with self._lock:
+            return self.engine.load()
+
+    def step_stats(self, reset_peaks: bool = False) -> StepStats:
+        """A copy of the step counters (and, if asked, start a new peak window)."""
+        with self._lock:
+            stats = StepStats(**vars(self.engine.step_stats))
+            if reset_peaks:
+                self.engine.step_stats.reset_peaks()
+            return stats
 
     async def generate(self, prompt: str | list[int], adapter_id: str | None = None, params: SamplingParams = SamplingParams()) -> AsyncIterator[StepOutput]:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,35 @@ class StepOutput:
     timings: Timings
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the engine holds right now: zero everywhere once every request has ended or been aborted."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    adapter_refs: int  # slot references held by running sequences
+    adapter_users: int  # unfinished requests (waiting or running) naming an adapter
+
+
+@dataclass
+class StepStats:
+    """Counters over the engine's life; `peak_*` since the last `reset_peaks()`."""
+
+    steps: int = 0
+    peak_batch_seqs: int = 0  # most sequences in one step
+    peak_batch_adapters: int = 0  # most distinct adapters (the base model counts as one) in one step
+
+    def record(self, chunks: list[ScheduledChunk]) -> None:
+        self.steps += 1
+        self.peak_batch_seqs = max(self.peak_batch_seqs, len(chunks))
+        self.peak_batch_adapters = max(self.peak_batch_adapters, len({c.seq.adapter_id for c in chunks}))
+
+    def reset_peaks(self) -> None:
+        self.peak_batch_seqs = self.peak_batch_adapters = 0
+
+
 class LLMEngine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, config: EngineConfig, chooser: PathChooser, eos_token_ids: frozenset[int]):
         torch.set_num_threads(config.threads)
@@ -59,6 +89,8 @@ class LLMEngine:
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self._aborted: list[int] = []
+        self.adapter_users: Counter[str] = Counter()  # adapter id -> unfinished requests using it
+        self.step_stats = StepStats()
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, config: EngineConfig, chooser: PathChooser | None = None) -> "LLMEngine":
@@ -78,11 +110,19 @@ class LLMEngine:
     def add_adapter(self, adapter: Adapter) -> None:
         self.adapters.register(adapter)
 
+    def remove_adapter(self, adapter_id: str) -> None:
+        """Drop a registered adapter (slot and host copy); refused while any unfinished request names it."""
+        if self.adapter_users[adapter_id]:
+            raise ValueError(f"adapter {adapter_id!r} is used by {self.adapter_users[adapter_id]} unfinished request(s)")
+        self.adapters.unregister(adapter_id)
+
     def add_request(self, prompt: str | list[int], adapter_id: str | None = None, params: SamplingParams = SamplingParams()) -> int:
         prompt_ids = self._encode(prompt)
         self._check_fits(len(prompt_ids))
         seq = Sequence(next(self._ids), prompt_ids, params, adapter_id)
         self.sequences[seq.seq_id] = seq
+        if adapter_id is not None:
+            self.adapter_users[adapter_id] += 1
         if self.tokenizer is not None:
             self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
@@ -95,6 +135,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
 
+    def load(self) -> EngineLoad:
+        refs = sum(entry.refs for entry in self.adapters.resident.values())
+        used = self.blocks.num_blocks - self.blocks.num_free
+        return EngineLoad(len(self.scheduler.running), len(self.scheduler.waiting), used, self.blocks.num_blocks, refs,
+                          sum(self.adapter_users.values()))  # fmt: skip
+
     # --- the loop ---------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
@@ -102,6 +148,7 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
+        self.step_stats.record(chunks)
         now = time.perf_counter()
         for c in chunks:
             c.seq.timings.first_scheduled = c.seq.timings.first_scheduled or now  # queue time ends here
@@ -149,6 +196,10 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         seq.timings.finished = time.perf_counter()
         del self.sequences[seq.seq_id]
+        if seq.adapter_id is not None:
+            self.adapter_users[seq.adapter_id] -= 1
+            if not self.adapter_users[seq.adapter_id]:
+                del self.adapter_users[seq.adapter_id]
         self.detokenizers.pop(seq.seq_id, None)
 
     def _apply_aborts(self) -> list[StepOutput]:

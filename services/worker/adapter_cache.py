@@ -1,0 +1,145 @@
+"""Where a replica's adapters come from: engine slots <- host RAM <- local disk <- blob store (S3).
+
+    acquire(ref, sha256)   the adapter is registered in the engine (host RAM) and leased
+    release(ref)           the lease ends; the adapter stays cached until pressure evicts it
+
+The engine's own slots are the top tier (it loads a registered adapter into a slot when
+a request is admitted, LRU among unused ones). This class keeps the tiers below:
+
+- RAM: adapters registered in the engine, decoded, least recently used first out
+  within a byte budget (their tensors' bytes);
+- disk: the files, content-addressed (disk_cache.DiskTier);
+- blob store: the store's S3 or local blobs, sha256-checked on read.
+
+A cold adapter is fetched and decoded on a thread, off the event loop and off the
+engine's step loop, so other tenants' tokens keep flowing while it loads; concurrent
+requests for one cold adapter share one fetch. Nothing in use is evicted from any tier:
+a leased adapter, or one the engine still has unfinished requests for (its reference
+counts decide, not Ray Serve's multiplexing LRU), stays in RAM, and its file stays on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from adapters_store.blobstore import BlobStore
+from adapters_store.errors import AdapterValidationError
+from adapters_store.format import load_layer_adapters
+from services.engine.adapter_manager import Adapter
+from services.worker.disk_cache import DiskTier
+
+
+class Tier(enum.Enum):
+    RAM = "ram"
+    DISK = "disk"
+    BLOB = "blob"  # the blob store: S3 (or a local directory)
+
+
+class EngineAdapters(Protocol):
+    """The part of AsyncEngine the cache drives."""
+
+    def add_adapter(self, adapter: Adapter) -> None: ...
+    def remove_adapter(self, adapter_id: str) -> None: ...
+    def adapter_in_use(self, adapter_id: str) -> bool: ...
+
+
+@dataclass
+class CacheStats:
+    hits: Counter[Tier] = field(default_factory=Counter)  # served from this tier
+    misses: Counter[Tier] = field(default_factory=Counter)  # not in this tier: asked the next one
+    evictions: Counter[Tier] = field(default_factory=Counter)
+    load_seconds: dict[Tier, list[float]] = field(default_factory=dict)  # fetch + decode, by source
+    resident_bytes: dict[Tier, int] = field(default_factory=dict)
+
+
+@dataclass
+class _InRam:
+    sha256: str
+    nbytes: int
+    leases: int = 0
+
+
+class AdapterCache:
+    def __init__(self, engine: EngineAdapters, blobs: BlobStore, disk: DiskTier, ram_budget_bytes: int):
+        self.engine, self.blobs, self.disk, self.ram_budget = engine, blobs, disk, ram_budget_bytes
+        self.ram: OrderedDict[str, _InRam] = OrderedDict()  # adapter ref -> entry, least recently used first
+        self.stats = CacheStats()
+        self._loading: dict[str, asyncio.Task] = {}
+
+    @asynccontextmanager
+    async def lease(self, ref: str, sha256: str) -> AsyncIterator[None]:
+        await self.acquire(ref, sha256)
+        try:
+            yield
+        finally:
+            self.release(ref)
+
+    async def acquire(self, ref: str, sha256: str) -> None:
+        """Make `ref` resident in the engine and hold it there until `release(ref)`."""
+        if ref in self.ram:
+            self.stats.hits[Tier.RAM] += 1
+        else:
+            self.stats.misses[Tier.RAM] += 1
+            if ref not in self._loading:
+                self._loading[ref] = asyncio.create_task(self._load(ref, sha256))
+            await asyncio.shield(self._loading[ref])  # a cancelled request does not cancel the others' fetch
+        entry = self.ram[ref]
+        entry.leases += 1
+        self.disk.pin(entry.sha256)
+        self.ram.move_to_end(ref)
+        self._evict_ram()  # now that this one is leased, make room by others
+
+    def release(self, ref: str) -> None:
+        entry = self.ram[ref]
+        entry.leases -= 1
+        self.disk.unpin(entry.sha256)
+        self._evict_ram()
+
+    def snapshot(self) -> CacheStats:
+        self.stats.resident_bytes = {Tier.RAM: sum(e.nbytes for e in self.ram.values()), Tier.DISK: self.disk.used_bytes}
+        self.stats.evictions[Tier.DISK] = self.disk.evictions
+        return self.stats
+
+    async def _load(self, ref: str, sha256: str) -> None:
+        try:
+            start = time.perf_counter()
+            adapter, source = await asyncio.to_thread(self._fetch, ref, sha256)
+            try:
+                self.engine.add_adapter(adapter)
+            except ValueError as e:  # targets a module this engine does not adapt, or a rank no pool holds
+                raise AdapterValidationError(ref, [str(e)]) from None
+            self.stats.load_seconds.setdefault(source, []).append(time.perf_counter() - start)
+            self.ram[ref] = _InRam(sha256, _nbytes(adapter))
+        finally:
+            del self._loading[ref]
+
+    def _fetch(self, ref: str, sha256: str) -> tuple[Adapter, Tier]:
+        """(the decoded adapter, the tier its bytes came from). Runs on a worker thread."""
+        data, source = self.disk.get(sha256), Tier.DISK
+        if data is None:
+            self.stats.misses[Tier.DISK] += 1
+            data, source = self.blobs.read(sha256), Tier.BLOB  # sha256-checked
+            self.disk.put(sha256, data)
+        self.stats.hits[source] += 1
+        spec, weights = load_layer_adapters(data)
+        return Adapter(ref, spec, weights), source
+
+    def _evict_ram(self) -> None:
+        for ref in list(self.ram):  # least recently used first
+            if sum(e.nbytes for e in self.ram.values()) <= self.ram_budget:
+                return
+            if self.ram[ref].leases == 0 and not self.engine.adapter_in_use(ref):
+                self.engine.remove_adapter(ref)
+                del self.ram[ref]
+                self.stats.evictions[Tier.RAM] += 1
+
+
+def _nbytes(adapter: Adapter) -> int:
+    return sum(t.numel() * t.element_size() for w in adapter.weights.values() for t in vars(w).values() if hasattr(t, "numel"))
