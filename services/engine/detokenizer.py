@@ -24,11 +24,13 @@ class IncrementalDetokenizer:
     text: str = ""  # everything decoded so far
     emitted: int = 0  # characters of text already streamed to the client (see engine._stream_delta)
 
-    def push(self, ids: list[int]) -> str:
-        """ids: all output tokens so far -> the new text they add (may be "")."""
+    def push(self, ids: list[int], final: bool = False) -> str:
+        """ids: all output tokens so far -> the new text they add (may be ""). An incomplete
+        character is held back until more tokens complete it, unless this is the `final` push:
+        then it decodes as U+FFFD, as decoding the whole output at once would."""
         prefix = self.tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
         full = self.tokenizer.decode(ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
             return ""
         delta = full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(ids)

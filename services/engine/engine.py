@@ -177,6 +177,8 @@ class LLMEngine:
         if detok is not None:
             detok.push(seq.output_ids)
         reason = self._finish_reason(seq, token)
+        if detok is not None and reason is not None:
+            detok.push(seq.output_ids, final=True)
         text = "" if detok is None else _stream_delta(detok, seq.params.stop, reason)
         if reason is not None:
             self._finish(seq, reason)

@@ -1,7 +1,4 @@
-"""Real servers for the adapter store's integration tests, one of each per session.
-
-- Redis: Debian's `redis-server` on a free loopback port, no persistence.
-- S3: moto's `ThreadedMotoServer`, a real S3 HTTP API on a free loopback port.
+"""The adapter store's view of the session's real servers (tests/conftest.py).
 
 Each test gets an empty Redis database and its own S3 prefix, and the
 environment variables `adapterctl` reads point at both (see `store_env`).
@@ -10,7 +7,6 @@ environment variables `adapterctl` reads point at both (see `store_env`).
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,45 +15,9 @@ from pathlib import Path
 import pytest
 
 from adapters_store.settings import Settings
-from tests.adapters_store.helpers import BASE_MODEL_ID, RedisServer, free_port, start_redis, stop_redis, write_tiny_config
+from tests.adapters_store.helpers import BASE_MODEL_ID, BUCKET, S3_CREDENTIALS, RedisServer, S3Server, write_tiny_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-BUCKET = "flora-test"
-S3_CREDENTIALS = {"FLORA_S3_ACCESS_KEY_ID": "testing", "FLORA_S3_SECRET_ACCESS_KEY": "testing"}
-
-
-@dataclass(frozen=True)
-class S3Server:
-    endpoint: str
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not installed: apt-get install -y redis-server")
-    server = start_redis(tmp_path_factory.mktemp("redis"), "--save", "", "--appendonly", "no")
-    yield server
-    stop_redis(server)
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    s3 = S3Server(f"http://127.0.0.1:{port}")
-    s3.client().create_bucket(Bucket=BUCKET)
-    yield s3
-    server.stop()
 
 
 @pytest.fixture(scope="session")

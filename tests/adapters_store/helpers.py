@@ -107,6 +107,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+BUCKET = "flora-test"
+S3_CREDENTIALS = {"FLORA_S3_ACCESS_KEY_ID": "testing", "FLORA_S3_SECRET_ACCESS_KEY": "testing"}
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class RedisServer:
     port: int
