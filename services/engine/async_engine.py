@@ -60,6 +60,13 @@ class AsyncEngine:
             return stats
 
     async def generate(self, prompt: str | list[int], adapter_id: str | None = None, params: SamplingParams = SamplingParams()) -> AsyncIterator[StepOutput]:
+        async for outputs in self.stream(prompt, adapter_id, params):
+            for output in outputs:
+                yield output
+
+    async def stream(self, prompt: str | list[int], adapter_id: str | None = None, params: SamplingParams = SamplingParams()) -> AsyncIterator[list[StepOutput]]:
+        """The request's outputs as they come, several steps' at once when the consumer fell behind
+        (a server sends them as one message: fewer messages when the network path is the bottleneck)."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             seq_id = self.engine.add_request(prompt, adapter_id, params)
@@ -68,11 +75,14 @@ class AsyncEngine:
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
+                items = [await stream.queue.get()]
+                while not stream.queue.empty():
+                    items.append(stream.queue.get_nowait())
+                error = next((item for item in items if isinstance(item, BaseException)), None)
+                if error is not None:
+                    raise error
+                finished = items[-1].finish_reason is not None
+                yield items
         finally:
             with self._lock:
                 self._streams.pop(seq_id, None)

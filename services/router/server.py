@@ -40,7 +40,9 @@ async def start_router(settings: RouterSettings, store: StoreSettings) -> Router
     """Start serving on `settings.listen` (port 0: any free port; `Router.port` says which)."""
     registry = Registry.connect(store)
     gateway = Gateway(settings, registry, WorkerBackend(settings.worker_address, settings.worker_app))
-    server = grpc.aio.server(options=[("grpc.max_metadata_size", settings.max_metadata_bytes)])
+    # Both limits: gRPC treats max_metadata_size alone as a soft limit (refused at random above it).
+    limit = settings.max_metadata_bytes
+    server = grpc.aio.server(options=[("grpc.max_metadata_size", limit), ("grpc.absolute_max_metadata_size", limit)])
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(gateway), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -59,3 +59,9 @@ def wait_routable(address: str, app_name: str, timeout_s: float) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Ray Serve's gRPC proxy at {address} did not route to {app_name!r} within {timeout_s:.0f} s")
             time.sleep(0.1)
+
+
+def app(args: dict[str, str]) -> serve.Application:
+    """Application builder for Serve config files and `serve run services.worker.app:app`
+    (KubeRay's RayService): settings from the environment (FLORA_WORKER_*, FLORA_BLOB_URL, ...)."""
+    return build_app(WorkerSettings(**args), StoreSettings.from_env())

@@ -53,8 +53,8 @@ class WorkerReplica:
                 if ref:
                     await self.advertise(ref)
                     await stack.enter_async_context(self.cache.lease(ref, request.adapter.sha256))
-                async for output in self.engine.generate(request.prompt, ref or None, params):
-                    yield chunk(output)
+                async for outputs in self.engine.stream(request.prompt, ref or None, params):
+                    yield chunk(outputs)
         except Exception as error:  # every failure becomes a status; nothing else reaches the client
             code, message = status_for(error, ref)
             grpc_context.set_code(code)

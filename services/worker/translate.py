@@ -25,15 +25,18 @@ def sampling_params(sampling: gateway_pb2.SamplingParams) -> SamplingParams:
         top_p=s.top_p if s.HasField("top_p") else 1.0,
         seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop),
+        ignore_eos=s.ignore_eos,
     )
 
 
-def chunk(output: StepOutput) -> worker_pb2.WorkerChunk:
-    """One engine step's output for one request. ABORTED never reaches a client (it left)."""
+def chunk(outputs: list[StepOutput]) -> worker_pb2.WorkerChunk:
+    """One or more engine steps' outputs for one request, as one message. ABORTED never reaches a
+    client (it left)."""
+    last = outputs[-1]
     return worker_pb2.WorkerChunk(
-        token_ids=output.new_token_ids,
-        text=output.text,
-        finish_reason=_FINISH.get(output.finish_reason, gateway_pb2.FINISH_REASON_UNSPECIFIED),
-        prompt_tokens=output.num_prompt_tokens,
-        completion_tokens=output.num_output_tokens,
+        token_ids=[t for o in outputs for t in o.new_token_ids],
+        text="".join(o.text for o in outputs),
+        finish_reason=_FINISH.get(last.finish_reason, gateway_pb2.FINISH_REASON_UNSPECIFIED),
+        prompt_tokens=last.num_prompt_tokens,
+        completion_tokens=last.num_output_tokens,
     )
