@@ -61,9 +61,20 @@ class ChangeListener:
             while not self._stop.is_set():
                 message = pubsub.get_message(timeout=1.0)
                 if message is not None:
-                    self._call(self.on_tenant, json.loads(message["data"])["tenant"])
+                    self._notice(message["data"])
         finally:
             pubsub.close()
+
+    def _notice(self, data: str) -> None:
+        """One notice: drop its tenant's entries. One we cannot read (another publisher on the
+        channel, a newer format) drops everything rather than ending the subscription."""
+        try:
+            tenant = json.loads(data)["tenant"]
+        except (ValueError, KeyError, TypeError, IndexError):
+            log.warning("unreadable registry notice %.200r; dropping every cached tenant", data)
+            self._call(self.on_resync)
+            return
+        self._call(self.on_tenant, str(tenant))
 
     def _call(self, fn: Callable, *args) -> None:
         assert self._loop is not None

@@ -83,7 +83,8 @@ class Quotas:
 
     def _check_concurrency(self, tenant: str, limit: int) -> None:
         if limit and self.in_flight[tenant] >= limit:
-            raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"tenant {tenant} has {limit} requests in flight, its limit")
+            raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"tenant {tenant} is over its quota of {limit} concurrent requests; retry when one finishes")
 
     def _bucket(self, buckets: dict[str, _Bucket], tenant: str, per_minute: int, now: float) -> _Bucket | None:
         """The tenant's bucket, refilled to now; None when the limit is off (0)."""
