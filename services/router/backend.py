@@ -15,7 +15,8 @@ _PASSED_THROUGH = {
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
 }  # fmt: skip
-_REPLICA_GONE = ("ActorDied", "ActorUnavailable", "died", "RayActorError", "unexpectedly")
+# How Ray's proxy words a replica that died under a request (it answers INTERNAL).
+_REPLICA_GONE = ("The actor died", "ActorDiedError", "ActorUnavailableError", "RayActorError")
 
 
 class WorkerBackend:
