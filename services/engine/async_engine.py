@@ -4,18 +4,26 @@ One background thread runs `LLMEngine.step()` while there is work; each request'
 outputs go to its own asyncio queue on the caller's event loop. Leaving the
 `async for` early (the client went away, a deadline passed) aborts the request:
 its KV blocks and adapter reference are freed at the next step.
+
+The caller's event loop never waits for a step: a request is tokenized and checked
+there, then handed over through an inbox that the engine thread drains before each
+step, and aborts go through the engine's own thread-safe queue. (Taking the step lock
+on the event loop instead stalled a server's every stream for up to a whole step per
+new request.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from services.engine.adapter_manager import Adapter
 from services.engine.engine import EngineLoad, LLMEngine, StepOutput, StepStats
 from services.engine.sampling import SamplingParams
+from services.engine.sequence import Sequence
 
 
 @dataclass
@@ -31,6 +39,7 @@ class AsyncEngine:
         self._work = threading.Event()
         self._stopped = False
         self._streams: dict[int, _Stream] = {}
+        self._inbox: deque[Sequence] = deque()  # prepared requests for the next step
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -44,8 +53,8 @@ class AsyncEngine:
             self.engine.remove_adapter(adapter_id)
 
     def adapter_in_use(self, adapter_id: str) -> bool:
-        with self._lock:
-            return bool(self.engine.adapter_users[adapter_id])
+        """Does a submitted, unfinished request name it? Lock-free: one read of a counter."""
+        return self.engine.adapter_users[adapter_id] > 0
 
     def load(self) -> EngineLoad:
         with self._lock:
@@ -68,9 +77,10 @@ class AsyncEngine:
         """The request's outputs as they come, several steps' at once when the consumer fell behind
         (a server sends them as one message: fewer messages when the network path is the bottleneck)."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._lock:
-            seq_id = self.engine.add_request(prompt, adapter_id, params)
-            self._streams[seq_id] = stream
+        seq = self.engine.prepare_request(prompt, adapter_id, params)  # ValueError: a bad request
+        seq_id = seq.seq_id
+        self._streams[seq_id] = stream
+        self._inbox.append(seq)
         self._work.set()
         finished = False
         try:
@@ -84,11 +94,10 @@ class AsyncEngine:
                 finished = items[-1].finish_reason is not None
                 yield items
         finally:
-            with self._lock:
-                self._streams.pop(seq_id, None)
-                if not finished:
-                    self.engine.abort(seq_id)
-            self._work.set()
+            self._streams.pop(seq_id, None)  # before the abort: see _submit_inbox
+            if not finished:
+                self.engine.abort(seq_id)
+                self._work.set()
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -99,6 +108,7 @@ class AsyncEngine:
         while not self._stopped:
             self._work.wait()
             with self._lock:
+                self._submit_inbox()
                 try:
                     outputs = self.engine.step()
                 except Exception as error:  # a broken step fails the requests in flight, not the server
@@ -106,10 +116,20 @@ class AsyncEngine:
                     continue
                 if not self.engine.scheduler.running:  # idle, or waiting only for adapters: sleep until told
                     self._work.clear()
+                    if self._inbox or self.engine.has_pending_aborts():  # arrived after the step: not lost
+                        self._work.set()
                 targets = [(self._streams.get(o.seq_id), o) for o in outputs]
             for stream, output in targets:
                 if stream is not None:
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+
+    def _submit_inbox(self) -> None:
+        """Hand new requests to the engine; one whose caller already left is dropped (its stream
+        is gone before its abort is queued, so it is either dropped here or aborted by the step)."""
+        while self._inbox:
+            seq = self._inbox.popleft()
+            if seq.seq_id in self._streams:
+                self.engine.submit(seq)
 
     def _fail_all(self, error: Exception) -> None:
         for seq_id, stream in list(self._streams.items()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +88,7 @@ class LLMEngine:
         self.sequences: dict[int, Sequence] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
-        self._aborted: list[int] = []
+        self._aborted: deque[int] = deque()  # appended from any thread, drained by step()
         self.adapter_users: Counter[str] = Counter()  # adapter id -> unfinished requests using it
         self.step_stats = StepStats()
 
@@ -117,23 +117,36 @@ class LLMEngine:
         self.adapters.unregister(adapter_id)
 
     def add_request(self, prompt: str | list[int], adapter_id: str | None = None, params: SamplingParams = SamplingParams()) -> int:
+        seq = self.prepare_request(prompt, adapter_id, params)
+        self.submit(seq)
+        return seq.seq_id
+
+    def prepare_request(self, prompt: str | list[int], adapter_id: str | None = None, params: SamplingParams = SamplingParams()) -> Sequence:
+        """Tokenize and check a request (ValueError names what is wrong). Touches no engine state,
+        so a server can call it on its own thread while a step runs."""
         prompt_ids = self._encode(prompt)
         self._check_fits(len(prompt_ids))
-        seq = Sequence(next(self._ids), prompt_ids, params, adapter_id)
+        return Sequence(next(self._ids), prompt_ids, params, adapter_id)
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a prepared request for the next step."""
         self.sequences[seq.seq_id] = seq
-        if adapter_id is not None:
-            self.adapter_users[adapter_id] += 1
+        if seq.adapter_id is not None:
+            self.adapter_users[seq.adapter_id] += 1
         if self.tokenizer is not None:
             self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
-        return seq.seq_id
 
     def abort(self, seq_id: int) -> None:
-        """Cancel a request; its KV blocks and adapter reference are freed at the next step."""
+        """Cancel a request; its KV blocks and adapter reference are freed at the next step. Safe from
+        any thread."""
         self._aborted.append(seq_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    def has_pending_aborts(self) -> bool:
+        return bool(self._aborted)
 
     def load(self) -> EngineLoad:
         refs = sum(entry.refs for entry in self.adapters.resident.values())
@@ -206,12 +219,11 @@ class LLMEngine:
 
     def _apply_aborts(self) -> list[StepOutput]:
         outputs = []
-        for seq_id in self._aborted:
-            seq = self.sequences.get(seq_id)
+        while self._aborted:
+            seq = self.sequences.get(self._aborted.popleft())
             if seq is not None and not seq.is_finished:
                 self._finish(seq, FinishReason.ABORTED)
-                outputs.append(StepOutput(seq_id, (), "", FinishReason.ABORTED, len(seq.prompt_ids), len(seq.output_ids), seq.timings))
-        self._aborted.clear()
+                outputs.append(StepOutput(seq.seq_id, (), "", FinishReason.ABORTED, len(seq.prompt_ids), len(seq.output_ids), seq.timings))
         return outputs
 
     def _encode(self, prompt: str | list[int]) -> list[int]:

@@ -21,6 +21,7 @@ counts decide, not Ray Serve's multiplexing LRU), stays in RAM, and its file sta
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
 import time
 from collections import Counter, OrderedDict
@@ -72,6 +73,7 @@ class AdapterCache:
         self.ram: OrderedDict[str, _InRam] = OrderedDict()  # adapter ref -> entry, least recently used first
         self.stats = CacheStats()
         self._loading: dict[str, asyncio.Task] = {}
+        self._waiting: Counter[str] = Counter()  # adapter ref -> requests waiting for its fetch
 
     @asynccontextmanager
     async def lease(self, ref: str, sha256: str) -> AsyncIterator[None]:
@@ -87,9 +89,7 @@ class AdapterCache:
             self.stats.hits[Tier.RAM] += 1
         else:
             self.stats.misses[Tier.RAM] += 1
-            if ref not in self._loading:
-                self._loading[ref] = asyncio.create_task(self._load(ref, sha256))
-            await asyncio.shield(self._loading[ref])  # a cancelled request does not cancel the others' fetch
+            await self._loaded(ref, sha256)
         entry = self.ram[ref]
         entry.leases += 1
         self.disk.pin(entry.sha256)
@@ -103,16 +103,33 @@ class AdapterCache:
         self._evict_ram()
 
     def snapshot(self) -> CacheStats:
+        """A copy of the counters as of now (the caller may serialize it while requests go on)."""
         self.stats.resident_bytes = {Tier.RAM: sum(e.nbytes for e in self.ram.values()), Tier.DISK: self.disk.used_bytes}
         self.stats.evictions[Tier.DISK] = self.disk.evictions
-        return self.stats
+        return copy.deepcopy(self.stats)
+
+    async def _loaded(self, ref: str, sha256: str) -> None:
+        """Until `ref` is in RAM, sharing a fetch already under way. The adapter counts as in use
+        meanwhile: between the fetch landing and this request resuming, another request may end
+        and make room, and the adapter this one waits for must not be what goes."""
+        if ref not in self._loading:
+            self._loading[ref] = asyncio.create_task(self._load(ref, sha256))
+        self._waiting[ref] += 1
+        try:
+            await asyncio.shield(self._loading[ref])  # a cancelled request does not cancel the others' fetch
+        finally:
+            self._waiting[ref] -= 1
+            if not self._waiting[ref]:
+                del self._waiting[ref]
 
     async def _load(self, ref: str, sha256: str) -> None:
         try:
             start = time.perf_counter()
-            adapter, source = await asyncio.to_thread(self._fetch, ref, sha256)
-            try:
-                self.engine.add_adapter(adapter)
+            data, source = await self._fetch(sha256)
+            spec, weights = await asyncio.to_thread(load_layer_adapters, data)
+            adapter = Adapter(ref, spec, weights)
+            try:  # on a thread too: the engine's lock is held for a whole step at a time
+                await asyncio.to_thread(self.engine.add_adapter, adapter)
             except ValueError as e:  # targets a module this engine does not adapt, or a rank no pool holds
                 raise AdapterValidationError(ref, [str(e)]) from None
             self.stats.load_seconds.setdefault(source, []).append(time.perf_counter() - start)
@@ -120,22 +137,26 @@ class AdapterCache:
         finally:
             del self._loading[ref]
 
-    def _fetch(self, ref: str, sha256: str) -> tuple[Adapter, Tier]:
-        """(the decoded adapter, the tier its bytes came from). Runs on a worker thread."""
-        data, source = self.disk.get(sha256), Tier.DISK
+    async def _fetch(self, sha256: str) -> tuple[bytes, Tier]:
+        """(the adapter file, the tier it came from). Files are read on threads; the counters are
+        kept here, on the event loop, because fetches of different adapters run side by side."""
+        data, source = await asyncio.to_thread(self.disk.get, sha256), Tier.DISK
         if data is None:
             self.stats.misses[Tier.DISK] += 1
-            data, source = self.blobs.read(sha256), Tier.BLOB  # sha256-checked
-            self.disk.put(sha256, data)
+            data, source = await asyncio.to_thread(self._from_blobs, sha256), Tier.BLOB
         self.stats.hits[source] += 1
-        spec, weights = load_layer_adapters(data)
-        return Adapter(ref, spec, weights), source
+        return data, source
+
+    def _from_blobs(self, sha256: str) -> bytes:
+        data = self.blobs.read(sha256)  # sha256-checked
+        self.disk.put(sha256, data)
+        return data
 
     def _evict_ram(self) -> None:
         for ref in list(self.ram):  # least recently used first
             if sum(e.nbytes for e in self.ram.values()) <= self.ram_budget:
                 return
-            if self.ram[ref].leases == 0 and not self.engine.adapter_in_use(ref):
+            if self.ram[ref].leases == 0 and not self._waiting[ref] and not self.engine.adapter_in_use(ref):
                 self.engine.remove_adapter(ref)
                 del self.ram[ref]
                 self.stats.evictions[Tier.RAM] += 1

@@ -70,7 +70,8 @@ class WorkerReplica:
     async def _multiplexed(self, ref: str) -> str:
         return ref
 
-    def stats(self, reset_peaks: bool = False) -> ReplicaStats:
+    async def stats(self, reset_peaks: bool = False) -> ReplicaStats:
+        """On the event loop, like the cache it reads (Ray runs plain methods on a thread pool)."""
         return ReplicaStats(self.engine.load(), self.engine.step_stats(reset_peaks), self.cache.snapshot())
 
     def __del__(self) -> None:

@@ -67,7 +67,16 @@ class DiskTier:
             self._drop(sha256)
             return None
         self.files.move_to_end(sha256)
+        self._touch(sha256)
         return data
+
+    def _touch(self, sha256: str) -> None:
+        """Record the access on disk too, so the order survives a restart: the kernel's atime is
+        not enough (relatime updates it at most once a day, noatime never)."""
+        try:
+            os.utime(self.path(sha256))
+        except OSError:
+            pass  # removed behind our back: the next get finds out
 
     def _put(self, sha256: str, data: bytes) -> bool:
         if sha256 in self.files:
