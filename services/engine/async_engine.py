@@ -118,10 +118,18 @@ class AsyncEngine:
                     self._work.clear()
                     if self._inbox or self.engine.has_pending_aborts():  # arrived after the step: not lost
                         self._work.set()
-                targets = [(self._streams.get(o.seq_id), o) for o in outputs]
-            for stream, output in targets:
-                if stream is not None:
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+                self._deliver([(self._streams.get(o.seq_id), o) for o in outputs])
+
+    @staticmethod
+    def _deliver(targets: list[tuple[_Stream | None, StepOutput]]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop, not one per output
+        (each wake-up takes the GIL away from the next step)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, StepOutput]]] = {}
+        for stream, output in targets:
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, output))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _submit_inbox(self) -> None:
         """Hand new requests to the engine; one whose caller already left is dropped (its stream
@@ -135,3 +143,8 @@ class AsyncEngine:
         for seq_id, stream in list(self._streams.items()):
             self.engine.abort(seq_id)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, RuntimeError(f"engine step failed: {error!r}"))
+
+
+def _put_all(items: list[tuple[_Stream, StepOutput]]) -> None:
+    for stream, output in items:
+        stream.queue.put_nowait(output)

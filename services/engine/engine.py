@@ -60,11 +60,13 @@ class StepStats:
     """Counters over the engine's life; `peak_*` since the last `reset_peaks()`."""
 
     steps: int = 0
+    busy_seconds: float = 0.0  # inside step(), steps that ran the model
     peak_batch_seqs: int = 0  # most sequences in one step
     peak_batch_adapters: int = 0  # most distinct adapters (the base model counts as one) in one step
 
-    def record(self, chunks: list[ScheduledChunk]) -> None:
+    def record(self, chunks: list[ScheduledChunk], seconds: float) -> None:
         self.steps += 1
+        self.busy_seconds += seconds
         self.peak_batch_seqs = max(self.peak_batch_seqs, len(chunks))
         self.peak_batch_adapters = max(self.peak_batch_adapters, len({c.seq.adapter_id for c in chunks}))
 
@@ -161,14 +163,15 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
-        self.step_stats.record(chunks)
-        now = time.perf_counter()
+        start = time.perf_counter()
         for c in chunks:
-            c.seq.timings.first_scheduled = c.seq.timings.first_scheduled or now  # queue time ends here
+            c.seq.timings.first_scheduled = c.seq.timings.first_scheduled or start  # queue time ends here
         sampled, logits = self.runner.run(chunks)
         tokens = sample(logits.float(), [c.seq.params for c in sampled], [c.seq.generator for c in sampled])
         self._advance(chunks)
-        return outputs + [self._postprocess(c.seq, token) for c, token in zip(sampled, tokens)]
+        outputs += [self._postprocess(c.seq, token) for c, token in zip(sampled, tokens)]
+        self.step_stats.record(chunks, time.perf_counter() - start)
+        return outputs
 
     def generate(self, prompts: list[str | list[int]], adapter_ids: list[str | None], params: SamplingParams) -> list[Sequence]:
         """Offline batch API: run every request to completion."""

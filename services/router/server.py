@@ -65,7 +65,11 @@ class RouterThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="router", daemon=True)
         self._thread.start()
-        self.router: Router = asyncio.run_coroutine_threadsafe(start_router(settings, store), self.loop).result(timeout=30)
+        try:
+            self.router: Router = asyncio.run_coroutine_threadsafe(start_router(settings, store), self.loop).result(timeout=30)
+        except BaseException:
+            self._stop_loop()
+            raise
 
     @property
     def address(self) -> str:
@@ -73,6 +77,9 @@ class RouterThread:
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.router.stop(), self.loop).result(timeout=30)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
 
