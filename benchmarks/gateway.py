@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import socket
 import statistics
 import sys
 import tempfile
@@ -41,7 +43,7 @@ from services.engine.adapter_manager import Adapter
 from services.engine.engine import LLMEngine
 from services.engine.models.smollm2 import materialize_smollm2
 from services.engine.sampling import SamplingParams
-from services.local_servers import local_redis, local_s3
+from services.launcher import Stops, start_redis
 from services.protos import gateway_pb2, gateway_pb2_grpc
 from services.router.server import RouterThread
 from services.router.settings import RouterSettings
@@ -180,11 +182,37 @@ def measure(address: str, engine: LLMEngine, scenario: list[Tenant], new_tokens:
     return gateway, engine_burst(engine, ids, new_tokens), cpu
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_s3(bucket: str):
+    """moto's S3 server (a real S3 HTTP API) on a free loopback port, `bucket` created -> its endpoint."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                     aws_secret_access_key="bench").create_bucket(Bucket=bucket)  # fmt: skip
+        yield endpoint
+    finally:
+        server.stop()
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict:
     import ray
 
     model_dir = materialize_smollm2()
-    with local_redis(workdir / "redis") as redis_url, local_s3(BUCKET) as s3_endpoint:
+    stops = Stops()
+    redis_url = f"redis://127.0.0.1:{start_redis(workdir / 'redis', free_port(), stops).port}/0"
+    with local_s3(BUCKET) as s3_endpoint:
         s3 = S3Settings(endpoint_url=s3_endpoint, access_key_id="bench", secret_access_key="bench")
         store_settings = StoreSettings(redis_url=redis_url, blob_url=f"s3://{BUCKET}/adapters", s3=s3, base_model=MODEL_ID,
                                        base_model_config=model_dir / "config.json")  # fmt: skip
@@ -204,6 +232,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             router.stop()
         finally:
             ray.shutdown()
+            stops.run()
     return report
 
 
