@@ -43,7 +43,7 @@ from services.engine.adapter_manager import Adapter
 from services.engine.engine import LLMEngine
 from services.engine.models.smollm2 import materialize_smollm2
 from services.engine.sampling import SamplingParams
-from services.launcher import Stops, start_redis
+from services.local_processes import Stops, start_redis
 from services.protos import gateway_pb2, gateway_pb2_grpc
 from services.router.server import RouterThread
 from services.router.settings import RouterSettings
