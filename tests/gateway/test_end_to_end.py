@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
+import grpc
 import pytest
 import torch
 
@@ -111,3 +113,25 @@ def test_eight_tenants_streaming_at_once_get_their_tokens_alone_in_one_batch(sta
     stats = stack.replica_stats()
     assert stats.steps.peak_batch_seqs == 8 and stats.steps.peak_batch_adapters == 8
     assert stats.load.running == stats.load.waiting == stats.load.adapter_refs == stats.load.kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_deadline_propagates_to_the_worker_which_frees_the_request(stack: Stack, streaming: bool):
+    tenant = stack.new_tenant(AdapterKind.LORA, 4, seed=3)
+    long = request(tenant, PROMPT, 230, ignore_eos=True)
+    stub = stack.stub()
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as failure:
+        if streaming:
+            list(stub.GenerateStream(long, metadata=call_metadata(tenant), timeout=0.3))
+        else:
+            stub.Generate(long, metadata=call_metadata(tenant), timeout=0.3)
+    assert failure.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - start < 2.0
+    deadline = time.monotonic() + 10
+    while (load := stack.replica_stats().load) != type(load)(0, 0, 0, load.kv_blocks_total, 0, 0):
+        assert time.monotonic() < deadline, f"the worker still holds the request: {load}"
+        time.sleep(0.05)
+    assert sum(stack.router.router.gateway.quotas.in_flight.values()) == 0
+    reply = stub.Generate(request(tenant, PROMPT, 8), metadata=call_metadata(tenant), timeout=30)
+    assert reply.usage.completion_tokens == 8
