@@ -160,24 +160,31 @@ def test_leased_adapter_survives_pressure_that_evicts_others(engine, blobs, adap
 
 def test_adapter_with_an_unfinished_engine_request_is_not_evicted(engine, blobs, adapters, tmp_path):
     """The engine's reference counts decide, not the lease alone: a request can outlive its lease
-    (a cancelled call releases the lease before the engine applies the abort)."""
+    (a cancelled call releases the lease before the engine applies the abort). The engine's loop is
+    held still (its step lock) while the lease ends, so the request is unfinished however fast the
+    tiny model would have finished it."""
     cache = make_cache(engine, blobs, adapters, tmp_path, ram_adapters=1)
     (busy, busy_sha), (other, other_sha), (later, later_sha) = [adapters.upload(seed) for seed in range(3)]
-    params = SamplingParams(max_new_tokens=100, temperature=0.0, ignore_eos=True)  # long enough to outlast the releases below
+    params = SamplingParams(max_new_tokens=100, temperature=0.0, ignore_eos=True)
 
     async def scenario() -> int:
         await cache.acquire(busy, busy_sha)
         await cache.acquire(other, other_sha)
         stream = engine.generate("def f(x):", busy, params)
-        tokens = len((await anext(stream)).new_token_ids)
-        assert engine.load().adapter_users == 1  # the request is unfinished ...
-        cache.release(busy)  # ... its lease ends: nothing but the engine's count protects it now
-        cache.release(other)
-        assert engine.load().adapter_users == 1  # ... and was unfinished through both releases
-        assert registered(engine, busy) and not registered(engine, other)
+        first = asyncio.ensure_future(anext(stream))
+        with engine._lock:  # no step runs until the block ends
+            await asyncio.sleep(0)  # the generator hands the request over and waits for output
+            engine._submit_inbox()
+            assert engine.engine.load().adapter_users == 1  # the request is unfinished ...
+            cache.release(busy)  # ... its lease ends: nothing but the engine's count protects it now
+            assert registered(engine, busy)
+        tokens = len((await first).new_token_ids)
         async for output in stream:  # the adapter still serves the request to the end
             tokens += len(output.new_token_ids)
-        async with cache.lease(later, later_sha):  # the request is done: it goes like any other
+        assert registered(engine, busy)
+        cache.release(other)  # the request is done: busy goes like any other (least recently used)
+        assert not registered(engine, busy) and registered(engine, other)
+        async with cache.lease(later, later_sha):
             pass
         return tokens
 
