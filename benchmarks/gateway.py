@@ -221,6 +221,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         cold = upload_tenants(store, model_dir, workdir, args.cold, "cold")
         worker = WorkerSettings(model=str(model_dir), adapter_modules=QKVO, quantization=args.quantization, lora_dtype=args.lora_dtype,
                                 threads=args.threads, max_rank=8, slots_per_pool=args.requests + args.cold,
+                                stream_interval_ms=args.stream_interval_ms,
                                 disk_cache_dir=workdir / "disk-cache", grpc_port=args.grpc_port, http_port=args.http_port)  # fmt: skip
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
@@ -272,11 +273,15 @@ def ttft_summary(gateway: list[float], engine: list[float]) -> dict:
     return {f"p{int(q * 100)}": dict(gateway_s=g, engine_s=e, added_s=g - e) for q, (g, e) in p.items()}
 
 
+def _interval(ms: int) -> str:
+    return "a message per engine step" if ms == 0 else f"at most one message per {ms} ms per request (first and last token not held)"
+
+
 def markdown(report: dict) -> str:
     lines = [f"# The gateway against the engine alone — {report['machine']}", "", f"Command: `{report['command']}`", ""]
     lines += [f"SmolLM2-135M-Instruct, {report['requests']} concurrent requests × {report['new_tokens']} new tokens (ignore_eos), greedy, "
               f"{report['quantization']} weights, LoRA slots {report['lora_dtype']}, {report['threads']} torch threads on the replica "
-              f"and on the engine alone. Medians over {report['rounds']} rounds; each round serves each scenario through the gateway "
+              f"and on the engine alone; the worker streams {_interval(report['stream_interval_ms'])}. Medians over {report['rounds']} rounds; each round serves each scenario through the gateway "
               "(32 concurrent GenerateStream calls: router -> Ray Serve gRPC proxy -> replica) and on the engine alone, after a warm-up.", ""]
     lines += ["| scenario | gateway tok/s | engine alone tok/s | gateway / engine (median of rounds) |", "|---|---|---|---|"]
     for name, s in report["scenarios"].items():
@@ -297,6 +302,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flora-gateway bench gateway", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="gateway", help="results go to <out>/<name>.{json,md}")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
@@ -305,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-dtype", choices=("auto", "bfloat16", "int8"), default="int8")
     parser.add_argument("--single", type=int, default=30, help="requests for the one-at-a-time time to first token")
     parser.add_argument("--cold", type=int, default=5, help="cold adapters timed from S3 to first token")
+    parser.add_argument("--stream-interval-ms", type=int, default=0, help="the worker's FLORA_WORKER_STREAM_INTERVAL_MS (0: a message per engine step)")
     parser.add_argument("--grpc-port", type=int, default=9310)
     parser.add_argument("--http-port", type=int, default=8310)
     args = parser.parse_args(argv)
@@ -314,10 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args, Path(tmp))
     report.update(command="flora-gateway bench gateway " + " ".join(argv if argv is not None else sys.argv[1:]), machine=machine(),
                   requests=args.requests, new_tokens=args.new_tokens, rounds=args.rounds, threads=args.threads,
-                  quantization=args.quantization, lora_dtype=args.lora_dtype)  # fmt: skip
+                  quantization=args.quantization, lora_dtype=args.lora_dtype, stream_interval_ms=args.stream_interval_ms)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gateway.json").write_text(json.dumps(report, indent=1))
-    (args.out / "gateway.md").write_text(markdown(report))
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 

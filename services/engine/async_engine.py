@@ -73,25 +73,27 @@ class AsyncEngine:
             for output in outputs:
                 yield output
 
-    async def stream(self, prompt: str | list[int], adapter_id: str | None = None, params: SamplingParams = SamplingParams()) -> AsyncIterator[list[StepOutput]]:
+    async def stream(self, prompt: str | list[int], adapter_id: str | None = None, params: SamplingParams = SamplingParams(),
+                     min_interval_s: float = 0.0) -> AsyncIterator[list[StepOutput]]:  # fmt: skip
         """The request's outputs as they come, several steps' at once when the consumer fell behind
-        (a server sends them as one message: fewer messages when the network path is the bottleneck)."""
+        or within `min_interval_s` of the last batch (a server sends a batch as one message: fewer
+        messages when the network path costs more than the tokens). The first output and the last
+        are never held back."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         seq = self.engine.prepare_request(prompt, adapter_id, params)  # ValueError: a bad request
         seq_id = seq.seq_id
         self._streams[seq_id] = stream
         self._inbox.append(seq)
         self._work.set()
-        finished = False
+        finished, sent_at = False, None
         try:
             while not finished:
-                items = [await stream.queue.get()]
-                while not stream.queue.empty():
-                    items.append(stream.queue.get_nowait())
+                items = await _next_batch(stream.queue, None if sent_at is None else sent_at + min_interval_s)
                 error = next((item for item in items if isinstance(item, BaseException)), None)
                 if error is not None:
                     raise error
                 finished = items[-1].finish_reason is not None
+                sent_at = stream.loop.time()
                 yield items
         finally:
             self._streams.pop(seq_id, None)  # before the abort: see _submit_inbox
@@ -148,3 +150,21 @@ class AsyncEngine:
 def _put_all(items: list[tuple[_Stream, StepOutput]]) -> None:
     for stream, output in items:
         stream.queue.put_nowait(output)
+
+
+async def _next_batch(queue: asyncio.Queue, hold_until: float | None) -> list:
+    """At least one item; then, until `hold_until` (loop time) or a final item, whatever else arrives."""
+    items = [await queue.get()]
+    loop = asyncio.get_running_loop()
+    while hold_until is not None and not _final(items[-1]) and (wait := hold_until - loop.time()) > 0:
+        try:
+            items.append(await asyncio.wait_for(queue.get(), wait))
+        except TimeoutError:
+            break
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+def _final(item: StepOutput | BaseException) -> bool:
+    return isinstance(item, BaseException) or item.finish_reason is not None

@@ -42,6 +42,7 @@ class ReplicaStats:
 class WorkerReplica:
     def __init__(self, settings: WorkerSettings, store: StoreSettings):
         self.engine = AsyncEngine(build_engine(settings))
+        self.stream_interval_s = settings.stream_interval_ms / 1000
         disk = DiskTier(settings.disk_cache_dir, settings.disk_cache_mib * MiB)
         self.cache = AdapterCache(self.engine, open_blob_store(store), disk, settings.ram_cache_mib * MiB)
 
@@ -53,7 +54,7 @@ class WorkerReplica:
                 if ref:
                     await self.advertise(ref)
                     await stack.enter_async_context(self.cache.lease(ref, request.adapter.sha256))
-                async for outputs in self.engine.stream(request.prompt, ref or None, params):
+                async for outputs in self.engine.stream(request.prompt, ref or None, params, self.stream_interval_s):
                     yield chunk(outputs)
         except Exception as error:  # every failure becomes a status; nothing else reaches the client
             code, message = status_for(error, ref)

@@ -39,6 +39,8 @@ class WorkerSettings(BaseSettings):
     max_num_batched_tokens: int = Field(8192, ge=1)
     slots_per_pool: int = Field(8, ge=1, description="adapters of one (kind, rank) resident in engine slots at once")
     max_rank: int = Field(16, ge=1, description="pools at ranks 1, 2, 4, ... up to this")
+    stream_interval_ms: int = Field(0, ge=0, description="a stream's tokens go out at most once per interval "
+                                    "(0: every engine step); first and last never wait. Fewer messages, coarser streaming")
 
     # Adapter cache tiers below the engine's slots.
     ram_cache_mib: int = Field(1024, ge=1, description="decoded adapters kept in host memory")

@@ -224,3 +224,20 @@ def test_sequence_longer_than_the_whole_kv_cache_finishes_instead_of_waiting_for
     seq = engine.generate([PROMPTS[0]], [None], SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True))[0]
     assert seq.finish_reason is FinishReason.LENGTH and seq.num_tokens == 16
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_stream_min_interval_batches_outputs_into_fewer_messages(model_dir):
+    engine = with_adapters(make_engine(model_dir), MIX)
+    server = AsyncEngine(engine)
+    params = SamplingParams(max_new_tokens=60, temperature=0.0, ignore_eos=True)
+
+    async def batches(interval: float) -> list[list]:
+        return [batch async for batch in server.stream(PROMPTS[0], "lo8", params, min_interval_s=interval)]
+
+    try:
+        every_step, held = asyncio.run(batches(0.0)), asyncio.run(batches(0.2))
+        tokens = [[t for b in bs for o in b for t in o.new_token_ids] for bs in (every_step, held)]
+        assert tokens[0] == tokens[1] == run_alone(model_dir, PROMPTS[0], "lo8", params)
+        assert len(held) < len(every_step) and held[-1][-1].finish_reason is FinishReason.LENGTH
+    finally:
+        server.shutdown()
