@@ -3,7 +3,8 @@
 Ray Serve's gRPC proxy calls `Generate` with the adapter version as the request's
 `multiplexed_model_id`, so requests for an adapter go to a replica that already holds it.
 The replica is a thin shell: adapter in (the cache's tiers), request in (the engine admits
-it at its next step), chunks out, one per engine step. Errors become a status code and a
+it at its next step), chunks out: one per engine step, or per FLORA_WORKER_STREAM_INTERVAL_MS.
+Errors become a status code and a
 one-line message. A client that goes away cancels this generator, which aborts the
 request in the engine: its batch slot, KV blocks and adapter reference are freed.
 """
@@ -27,7 +28,6 @@ from services.worker.engine_setup import build_engine
 from services.worker.errors import status_for
 from services.worker.settings import MiB, WorkerSettings
 from services.worker.translate import chunk, sampling_params
-
 
 ADVERTISED_ADAPTERS = 1024  # ids a replica reports to Ray's router; what it holds is the cache's business
 
