@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from services.engine.adapter_manager import Adapter
@@ -35,13 +36,39 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
+        self._setup()
+        self._thread.start()
+
+    @classmethod
+    def build(cls, factory: Callable[[], LLMEngine]) -> "AsyncEngine":
+        """Build the engine on the step loop's own thread (its errors raised here), so that one thread
+        runs all of the process's OpenMP work. When two threads each own a team of OpenMP workers,
+        libgomp counts more workers than cores and stops spinning between parallel regions: every
+        region then pays a sleep and a wake-up, and a decode step ran ~1.7x slower (measured:
+        benchmarks/results/gateway-analysis.md)."""
+        self = cls.__new__(cls)
+        built: Future[LLMEngine] = Future()
+        self._setup(target=lambda: self._build_then_run(factory, built))
+        self._thread.start()
+        self.engine = built.result()
+        return self
+
+    def _setup(self, target: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()  # the engine is single-threaded: every call goes through this lock
         self._work = threading.Event()
         self._stopped = False
         self._streams: dict[int, _Stream] = {}
         self._inbox: deque[Sequence] = deque()  # prepared requests for the next step
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=target or self._run, name="engine-loop", daemon=True)
+
+    def _build_then_run(self, factory: Callable[[], LLMEngine], built: Future) -> None:
+        try:
+            self.engine = factory()
+        except BaseException as error:
+            built.set_exception(error)
+            return
+        built.set_result(self.engine)
+        self._run()
 
     def add_adapter(self, adapter: Adapter) -> None:
         with self._lock:

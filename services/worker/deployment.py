@@ -41,7 +41,7 @@ class ReplicaStats:
 
 class WorkerReplica:
     def __init__(self, settings: WorkerSettings, store: StoreSettings):
-        self.engine = AsyncEngine(build_engine(settings))
+        self.engine = AsyncEngine.build(lambda: build_engine(settings))
         self.stream_interval_s = settings.stream_interval_ms / 1000
         disk = DiskTier(settings.disk_cache_dir, settings.disk_cache_mib * MiB)
         self.cache = AdapterCache(self.engine, open_blob_store(store), disk, settings.ram_cache_mib * MiB)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -241,3 +242,29 @@ def test_stream_min_interval_batches_outputs_into_fewer_messages(model_dir):
         assert len(held) < len(every_step) and held[-1][-1].finish_reason is FinishReason.LENGTH
     finally:
         server.shutdown()
+
+
+def test_async_engine_build_runs_the_factory_on_the_step_loop_thread(model_dir):
+    built_on = []
+
+    def factory():
+        built_on.append(threading.current_thread().name)
+        return with_adapters(make_engine(model_dir), MIX)
+
+    server = AsyncEngine.build(factory)
+    try:
+        async def generate():
+            return [t async for o in server.generate(PROMPTS[1], "fl1", GREEDY) for t in o.new_token_ids]
+
+        assert built_on == ["engine-loop"]  # the thread that steps it: the process's one OpenMP master
+        assert asyncio.run(generate()) == run_alone(model_dir, PROMPTS[1], "fl1")
+    finally:
+        server.shutdown()
+
+
+def test_async_engine_build_raises_the_factory_error():
+    def factory():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine.build(factory)
