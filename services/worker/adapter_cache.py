@@ -75,6 +75,10 @@ class AdapterCache:
         self._loading: dict[str, asyncio.Task] = {}
         self._waiting: Counter[str] = Counter()  # adapter ref -> requests waiting for its fetch
 
+    @property
+    def ram_bytes(self) -> int:
+        return sum(e.nbytes for e in self.ram.values())
+
     @asynccontextmanager
     async def lease(self, ref: str, sha256: str) -> AsyncIterator[None]:
         await self.acquire(ref, sha256)
@@ -104,7 +108,7 @@ class AdapterCache:
 
     def snapshot(self) -> CacheStats:
         """A copy of the counters as of now (the caller may serialize it while requests go on)."""
-        self.stats.resident_bytes = {Tier.RAM: sum(e.nbytes for e in self.ram.values()), Tier.DISK: self.disk.used_bytes}
+        self.stats.resident_bytes = {Tier.RAM: self.ram_bytes, Tier.DISK: self.disk.used_bytes}
         self.stats.evictions[Tier.DISK] = self.disk.evictions
         return copy.deepcopy(self.stats)
 
@@ -154,7 +158,7 @@ class AdapterCache:
 
     def _evict_ram(self) -> None:
         for ref in list(self.ram):  # least recently used first
-            if sum(e.nbytes for e in self.ram.values()) <= self.ram_budget:
+            if self.ram_bytes <= self.ram_budget:
                 return
             if self.ram[ref].leases == 0 and not self._waiting[ref] and not self.engine.adapter_in_use(ref):
                 self.engine.remove_adapter(ref)
