@@ -222,11 +222,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         worker = WorkerSettings(model=str(model_dir), adapter_modules=QKVO, quantization=args.quantization, lora_dtype=args.lora_dtype,
                                 threads=args.threads, max_rank=8, slots_per_pool=args.requests + args.cold,
                                 stream_interval_ms=args.stream_interval_ms,
-                                disk_cache_dir=workdir / "disk-cache", grpc_port=args.grpc_port, http_port=args.http_port)  # fmt: skip
+                                disk_cache_dir=workdir / "disk-cache", grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=0)  # fmt: skip
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
             start_worker(worker, store_settings)
-            router = RouterThread(RouterSettings(listen="127.0.0.1:0", worker_address=f"127.0.0.1:{args.grpc_port}"), store_settings)
+            router = RouterThread(RouterSettings(listen="127.0.0.1:0", metrics_port=0, worker_address=f"127.0.0.1:{args.grpc_port}"), store_settings)
             engine = engine_alone(worker, store, tenants)
             report = measure_all(args, router.address, engine, tenants, cold)
             report["memory_mib"] = {name: rss for name, (rss, _) in process_tree().items()}

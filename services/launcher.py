@@ -8,7 +8,7 @@ Started in this order, stopped in the reverse order on Ctrl-C (SIGINT) or SIGTER
                  local-directory blob store, <cache>/blobs; their API keys in <cache>/demo-tenants.json (0600)
   Ray            a local cluster on loopback: Serve's gRPC proxy and the worker application (the engine)
   router         the public gRPC API, with health checking and reflection (so grpcurl works)
-  metrics        Prometheus endpoints: the router's process, and Ray's (the cluster and Serve)
+  metrics        Prometheus endpoints (docs/metrics.md): the router's, the worker replica's and Ray's
 
 <cache> is $FLORA_CACHE_DIR, else <repo>/.cache. Once everything answers it prints a
 ready-to-paste `flora-gateway client` call and a `grpcurl` call, then a line starting `ready:`.
@@ -53,6 +53,7 @@ from adapters_store.errors import ConflictError, StoreError
 from adapters_store.settings import Settings as StoreSettings
 from services.env import cache_root
 from services.local_processes import PROG, LaunchError, RedisProcess, SettingsError, Stops, become_subreaper, end_leftovers, one_line, start_redis
+from services.metrics_server import host_port
 from services.router.settings import RouterSettings
 from services.worker.settings import WorkerSettings
 
@@ -65,7 +66,6 @@ class LauncherSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLORA_SERVE_", frozen=True, extra="ignore")
 
     redis_port: int = Field(6390, ge=1, le=65535, description="the redis-server started here, on loopback")
-    metrics_port: int = Field(9464, ge=1, le=65535, description="the router process's Prometheus endpoint, on loopback")
     ray_metrics_port: int = Field(9465, ge=1, le=65535, description="Ray's Prometheus endpoint (cluster and Serve metrics)")
     model_id: str = Field("", description="the base model id adapters name; default: SmolLM2's id, or the model directory's name")
 
@@ -81,7 +81,8 @@ FLAGS: dict[str, tuple[type[BaseSettings], str]] = {
     "serve_http_port": (WorkerSettings, "http_port"),
     "listen": (RouterSettings, "listen"),
     "redis_port": (LauncherSettings, "redis_port"),
-    "metrics_port": (LauncherSettings, "metrics_port"),
+    "metrics_port": (RouterSettings, "metrics_port"),
+    "worker_metrics_port": (WorkerSettings, "metrics_port"),
     "ray_metrics_port": (LauncherSettings, "ray_metrics_port"),
     "model_id": (LauncherSettings, "model_id"),
 }
@@ -97,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-port", help="the redis-server started here (default 6390; FLORA_SERVE_REDIS_PORT)")
     p.add_argument("--serve-grpc-port", help="Ray Serve's gRPC proxy (default 9000; FLORA_WORKER_GRPC_PORT)")
     p.add_argument("--serve-http-port", help="Ray Serve's HTTP proxy (default 8000; FLORA_WORKER_HTTP_PORT)")
-    p.add_argument("--metrics-port", help="the router's /metrics (default 9464; FLORA_SERVE_METRICS_PORT)")
+    p.add_argument("--metrics-port", help="the router's /metrics (default 9464; FLORA_ROUTER_METRICS_PORT)")
+    p.add_argument("--worker-metrics-port", help="the worker replica's /metrics (default 9466; FLORA_WORKER_METRICS_PORT)")
     p.add_argument("--ray-metrics-port", help="Ray's /metrics (default 9465; FLORA_SERVE_RAY_METRICS_PORT)")
 
 
@@ -170,13 +172,6 @@ def plan(args: argparse.Namespace) -> Plan:
 # ---- ports ----------------------------------------------------------------------------------------
 
 
-def host_port(address: str) -> tuple[str, int]:
-    """'127.0.0.1:50051' -> ('127.0.0.1', 50051); port -1 when `address` is not HOST:PORT."""
-    host, _, port = address.rpartition(":")
-    valid = port.isdigit() and int(port) <= 65535
-    return host.strip("[]") or "0.0.0.0", int(port) if valid else -1
-
-
 def check_ports(p: Plan) -> None:
     """Each port free and used once: a port in use is one clear line now, not a crash-looping proxy later."""
     listen_host, listen_port = host_port(p.router.listen)
@@ -185,13 +180,14 @@ def check_ports(p: Plan) -> None:
         ("the router (--listen, FLORA_ROUTER_LISTEN)", listen_host, listen_port),
         ("Ray Serve's gRPC proxy (--serve-grpc-port, FLORA_WORKER_GRPC_PORT)", "0.0.0.0", p.worker.grpc_port),
         ("Ray Serve's HTTP proxy (--serve-http-port, FLORA_WORKER_HTTP_PORT)", "127.0.0.1", p.worker.http_port),
-        ("the router's metrics (--metrics-port, FLORA_SERVE_METRICS_PORT)", "127.0.0.1", p.launcher.metrics_port),
+        ("the router's metrics (--metrics-port, FLORA_ROUTER_METRICS_PORT)", listen_host, p.router.metrics_port),
+        ("the worker's metrics (--worker-metrics-port, FLORA_WORKER_METRICS_PORT)", "127.0.0.1", p.worker.metrics_port),
         ("Ray's metrics (--ray-metrics-port, FLORA_SERVE_RAY_METRICS_PORT)", "127.0.0.1", p.launcher.ray_metrics_port),
     ]
     seen: dict[int, str] = {}
     for what, host, port in wanted:
-        if port == 0 and what.startswith("the router ("):
-            continue  # any free port: the router says which once it listens
+        if port == 0:
+            continue  # any free port: the server says which once it listens
         if port in seen:
             raise SettingsError(f"port {port} is given to both {seen[port]} and {what}")
         seen[port] = what
@@ -335,15 +331,6 @@ def start_router(p: Plan, on_stop: Stops):
     return router
 
 
-def start_metrics(p: Plan, on_stop: Stops) -> None:
-    """The router process's Prometheus registry (the router's metrics and the process's own)."""
-    from prometheus_client import start_http_server
-
-    server, _thread = start_http_server(p.launcher.metrics_port, addr="127.0.0.1")
-    on_stop.add(server.server_close)
-    on_stop.add(server.shutdown)
-
-
 @dataclass
 class Running:
     redis: RedisProcess
@@ -367,7 +354,6 @@ def start(p: Plan, on_stop: Stops) -> Running:
     start_ray(p, on_stop)
     say("worker", f"Serve's gRPC proxy on 127.0.0.1:{p.worker.grpc_port}, ready in {time.monotonic() - t_ray:.1f} s")
     router = start_router(p, on_stop)
-    start_metrics(p, on_stop)
     write_keys(keys_file, router.address, keys)
     return Running(redis, router.address, keys, keys_file, time.monotonic() - t0)
 
@@ -410,7 +396,8 @@ def grpcurl_command(key: DemoKey, address: str) -> str:
 
 def announce(p: Plan, running: Running) -> None:
     say("router", f"{running.router_address} (flora.gateway.v1.Gateway, grpc.health.v1.Health, reflection)")
-    say("metrics", f"http://127.0.0.1:{p.launcher.metrics_port}/metrics (router), "
+    say("metrics", f"http://127.0.0.1:{p.router.metrics_port}/metrics (router), "
+                   f"http://127.0.0.1:{p.worker.metrics_port}/metrics (worker), "
                    f"http://127.0.0.1:{p.launcher.ray_metrics_port}/metrics (Ray and Serve)")  # fmt: skip
     say("keys", f"{shown(running.keys_file)} (Ray's logs: /tmp/ray/session_latest/logs)")
     first = running.keys[0]

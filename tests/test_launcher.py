@@ -88,7 +88,8 @@ class State:
         p = self.ports
         return ["--model", str(self.model_dir), "--threads", "1", "--listen", f"127.0.0.1:{p['listen']}",
                 "--redis-port", str(p["redis"]), "--serve-grpc-port", str(p["serve_grpc"]), "--serve-http-port", str(p["serve_http"]),
-                "--metrics-port", str(p["metrics"]), "--ray-metrics-port", str(p["ray_metrics"])]  # fmt: skip
+                "--metrics-port", str(p["metrics"]), "--worker-metrics-port", str(p["worker_metrics"]),
+                "--ray-metrics-port", str(p["ray_metrics"])]  # fmt: skip
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "FLORA_CACHE_DIR": str(self.cache), "FLORA_WORKER_KV_CACHE_MIB": "16", "HF_HUB_OFFLINE": "1"}
@@ -157,7 +158,7 @@ class Launch:
                 pass
 
 
-PORTS = ("listen", "redis", "serve_grpc", "serve_http", "metrics", "ray_metrics")
+PORTS = ("listen", "redis", "serve_grpc", "serve_http", "metrics", "worker_metrics", "ray_metrics")
 
 
 def fresh_state(cache: Path, model_dir: Path) -> State:

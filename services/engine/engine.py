@@ -12,6 +12,7 @@ import itertools
 import json
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,20 +56,35 @@ class EngineLoad:
     adapter_users: int  # unfinished requests (waiting or running) naming an adapter
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One model step, as `LLMEngine.step_listeners` see it (on the thread that steps)."""
+
+    seconds: float
+    tokens: int  # tokens the model ran: prompt chunks + one per decoding sequence (the batch size in tokens)
+    sequences: int
+    adapters: int  # distinct adapters; the base model counts as one
+    sampled: int  # tokens generated
+
+
 @dataclass
 class StepStats:
     """Counters over the engine's life; `peak_*` since the last `reset_peaks()`."""
 
     steps: int = 0
     busy_seconds: float = 0.0  # inside step(), steps that ran the model
+    generated_tokens: int = 0
+    preemptions: int = 0  # sequences preempted for KV blocks (recomputed later)
     peak_batch_seqs: int = 0  # most sequences in one step
     peak_batch_adapters: int = 0  # most distinct adapters (the base model counts as one) in one step
 
-    def record(self, chunks: list[ScheduledChunk], seconds: float) -> None:
+    def record(self, step: StepRecord, preemptions: int) -> None:
         self.steps += 1
-        self.busy_seconds += seconds
-        self.peak_batch_seqs = max(self.peak_batch_seqs, len(chunks))
-        self.peak_batch_adapters = max(self.peak_batch_adapters, len({c.seq.adapter_id for c in chunks}))
+        self.busy_seconds += step.seconds
+        self.generated_tokens += step.sampled
+        self.preemptions = preemptions
+        self.peak_batch_seqs = max(self.peak_batch_seqs, step.sequences)
+        self.peak_batch_adapters = max(self.peak_batch_adapters, step.adapters)
 
     def reset_peaks(self) -> None:
         self.peak_batch_seqs = self.peak_batch_adapters = 0
@@ -93,6 +109,7 @@ class LLMEngine:
         self._aborted: deque[int] = deque()  # appended from any thread, drained by step()
         self.adapter_users: Counter[str] = Counter()  # adapter id -> unfinished requests using it
         self.step_stats = StepStats()
+        self.step_listeners: list[Callable[[StepRecord], None]] = []  # e.g. a server's metrics; called after each model step
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, config: EngineConfig, chooser: PathChooser | None = None) -> "LLMEngine":
@@ -170,7 +187,11 @@ class LLMEngine:
         tokens = sample(logits.float(), [c.seq.params for c in sampled], [c.seq.generator for c in sampled])
         self._advance(chunks)
         outputs += [self._postprocess(c.seq, token) for c, token in zip(sampled, tokens)]
-        self.step_stats.record(chunks, time.perf_counter() - start)
+        record = StepRecord(time.perf_counter() - start, sum(c.num_new for c in chunks), len(chunks),
+                            len({c.seq.adapter_id for c in chunks}), len(sampled))  # fmt: skip
+        self.step_stats.record(record, self.scheduler.num_preemptions)
+        for listener in self.step_listeners:
+            listener(record)
         return outputs
 
     def generate(self, prompts: list[str | list[int]], adapter_ids: list[str | None], params: SamplingParams) -> list[Sequence]:

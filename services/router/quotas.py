@@ -19,10 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import grpc
-
 from adapters_store.registry import Quota
-from services.router.errors import GatewayError
+from services.router.errors import QuotaExceeded
 
 BURST_S = 10.0
 
@@ -66,11 +64,11 @@ class Quotas:
         self._check_concurrency(tenant, quota.max_concurrent)
         tokens = self._bucket(self._tokens, tenant, quota.tokens_per_minute, now)
         if tokens is not None and tokens.level < 0:
-            raise _exhausted(tenant, f"{quota.tokens_per_minute} generated tokens per minute", tokens.wait_s(0))
+            raise _exhausted(tenant, "tokens_per_minute", f"{quota.tokens_per_minute} generated tokens per minute", tokens.wait_s(0))
         requests = self._bucket(self._requests, tenant, quota.requests_per_minute, now)
         if requests is not None:
             if requests.level < 1:
-                raise _exhausted(tenant, f"{quota.requests_per_minute} requests per minute", requests.wait_s(1))
+                raise _exhausted(tenant, "requests_per_minute", f"{quota.requests_per_minute} requests per minute", requests.wait_s(1))
             requests.level -= 1
         admission = Admission(tenant)
         self.in_flight[tenant] += 1
@@ -83,8 +81,7 @@ class Quotas:
 
     def _check_concurrency(self, tenant: str, limit: int) -> None:
         if limit and self.in_flight[tenant] >= limit:
-            raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"tenant {tenant} is over its quota of {limit} concurrent requests; retry when one finishes")
+            raise QuotaExceeded("concurrent_requests", f"tenant {tenant} is over its quota of {limit} concurrent requests; retry when one finishes")
 
     def _bucket(self, buckets: dict[str, _Bucket], tenant: str, per_minute: int, now: float) -> _Bucket | None:
         """The tenant's bucket, refilled to now; None when the limit is off (0)."""
@@ -96,5 +93,5 @@ class Quotas:
         return bucket
 
 
-def _exhausted(tenant: str, limit: str, retry_s: float) -> GatewayError:
-    return GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"tenant {tenant} is over its quota of {limit}; retry in {max(retry_s, 0.1):.1f} s")
+def _exhausted(tenant: str, limit: str, quota: str, retry_s: float) -> QuotaExceeded:
+    return QuotaExceeded(limit, f"tenant {tenant} is over its quota of {quota}; retry in {max(retry_s, 0.1):.1f} s")

@@ -1,5 +1,5 @@
 """Assemble and run the router: the Gateway service, gRPC health checking and server reflection
-(so `grpcurl` works), and the registry's change notices."""
+(so `grpcurl` works), the registry's change notices and the Prometheus endpoint."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from adapters_store.settings import Settings as StoreSettings
 from services.protos import gateway_pb2, gateway_pb2_grpc
 from services.router.backend import WorkerBackend
 from services.router.changes import ChangeListener
+from services.metrics_server import MetricsServer, host_port
 from services.router.gateway import Gateway
+from services.router.metrics import RouterMetrics
 from services.router.servicer import GatewayServicer
 from services.router.settings import RouterSettings
 
@@ -29,11 +31,14 @@ class Router:
     gateway: Gateway
     listener: ChangeListener
     port: int
+    metrics: RouterMetrics
+    metrics_server: MetricsServer
 
     async def stop(self, grace_s: float = 5.0) -> None:
         self.listener.stop()
         await self.server.stop(grace_s)
         await self.gateway.backend.close()
+        self.metrics_server.stop()
 
 
 async def start_router(settings: RouterSettings, store: StoreSettings) -> Router:
@@ -43,19 +48,21 @@ async def start_router(settings: RouterSettings, store: StoreSettings) -> Router
     # Both limits: gRPC treats max_metadata_size alone as a soft limit (refused at random above it).
     limit = settings.max_metadata_bytes
     server = grpc.aio.server(options=[("grpc.max_metadata_size", limit), ("grpc.absolute_max_metadata_size", limit)])
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(gateway), server)
+    metrics = RouterMetrics(settings.metrics_max_tenants)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(gateway, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen} (FLORA_ROUTER_LISTEN): address in use or not local")
+    metrics_server = MetricsServer.start(metrics.registry, host_port(settings.listen)[0], settings.metrics_port)
     listener = ChangeListener(registry, gateway.tenant_changed, gateway.resync)
     listener.start(asyncio.get_running_loop())
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Router(server, gateway, listener, port)
+    return Router(server, gateway, listener, port, metrics, metrics_server)
 
 
 class RouterThread:

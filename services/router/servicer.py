@@ -1,4 +1,5 @@
-"""The public Gateway gRPC service: proto in, delegate to Gateway, proto out, errors as statuses."""
+"""The public Gateway gRPC service: proto in, delegate to Gateway, proto out, errors as statuses;
+each request tracked by RouterMetrics."""
 
 from __future__ import annotations
 
@@ -9,27 +10,38 @@ import grpc
 from services.protos import gateway_pb2, gateway_pb2_grpc
 from services.router.errors import GatewayError
 from services.router.gateway import Gateway
+from services.router.metrics import RouterMetrics
 from services.router.translate import adapter_version, response, stream_chunk
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
+    def __init__(self, gateway: Gateway, metrics: RouterMetrics):
+        self.gateway, self.metrics = gateway, metrics
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.GenerateResponse:
-        try:
-            view = await self.gateway.authorize(request, context.invocation_metadata())
-            chunks = [c async for c in self.gateway.forward(request, view, context.time_remaining())]
-            return response(chunks, adapter_version(view.adapter))
-        except GatewayError as e:
-            await context.abort(e.code, e.message)
+        with self.metrics.track("Generate") as tracked:
+            try:
+                view = await self.gateway.authorize(request, context.invocation_metadata())
+                tracked.authorized(view.tenant)
+                chunks = []
+                async for chunk in self.gateway.forward(request, view, context.time_remaining()):
+                    tracked.chunk(chunk)
+                    chunks.append(chunk)
+                return response(chunks, adapter_version(view.adapter))
+            except GatewayError as e:
+                tracked.failed(e)
+                await context.abort(e.code, e.message)
 
     async def GenerateStream(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateChunk]:
-        try:
-            view = await self.gateway.authorize(request, context.invocation_metadata())
-            adapter = adapter_version(view.adapter)
-            async for chunk in self.gateway.forward(request, view, context.time_remaining()):
-                yield stream_chunk(chunk, adapter)
-                adapter = None  # on the first chunk only
-        except GatewayError as e:
-            await context.abort(e.code, e.message)
+        with self.metrics.track("GenerateStream") as tracked:
+            try:
+                view = await self.gateway.authorize(request, context.invocation_metadata())
+                tracked.authorized(view.tenant)
+                adapter = adapter_version(view.adapter)
+                async for chunk in self.gateway.forward(request, view, context.time_remaining()):
+                    tracked.chunk(chunk)
+                    yield stream_chunk(chunk, adapter)
+                    adapter = None  # on the first chunk only
+            except GatewayError as e:
+                tracked.failed(e)
+                await context.abort(e.code, e.message)

@@ -30,5 +30,7 @@ class RouterSettings(BaseSettings):
     worker_app: str = Field("worker", description="the worker application's name in Ray Serve")
     default_timeout_s: float = Field(600.0, gt=0, description="a request's deadline when the client sets none")
     max_metadata_bytes: int = Field(8192, ge=1024, description="larger request metadata is refused by gRPC")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics, on the host of `listen` (0: any free port)")
+    metrics_max_tenants: int = Field(100, ge=0, description="tenants with their own metrics label; later ones are counted as 'other'")
     cache_ttl_s: float = Field(60.0, gt=0, description="keys and tenants are re-read after this even without a change notice")
     limits: RequestLimits = Field(default_factory=RequestLimits)

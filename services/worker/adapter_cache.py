@@ -25,16 +25,19 @@ import copy
 import enum
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import grpc
 
 from adapters_store.blobstore import BlobStore
 from adapters_store.errors import AdapterValidationError
 from adapters_store.format import load_layer_adapters
 from services.engine.adapter_manager import Adapter
 from services.worker.disk_cache import DiskTier
+from services.worker.errors import status_for
 
 
 class Tier(enum.Enum):
@@ -51,12 +54,31 @@ class EngineAdapters(Protocol):
     def adapter_in_use(self, adapter_id: str) -> bool: ...
 
 
+class LoadFailure(enum.Enum):
+    UNAVAILABLE = "unavailable"  # the blob store is down, or the blob is missing or corrupt
+    INVALID = "invalid"  # the adapter does not fit this engine
+    INTERNAL = "internal"
+
+    @classmethod
+    def of(cls, error: Exception, ref: str) -> LoadFailure:
+        code = status_for(error, ref)[0]
+        return {grpc.StatusCode.UNAVAILABLE: cls.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION: cls.INVALID}.get(code, cls.INTERNAL)
+
+
+RECENT_LOADS = 256  # load times kept per source in CacheStats (every one goes to `on_load`)
+
+
+def _by_tier() -> Counter[Tier]:
+    return Counter({tier: 0 for tier in Tier})  # every key from the start: a reader on another thread never sees one added
+
+
 @dataclass
 class CacheStats:
-    hits: Counter[Tier] = field(default_factory=Counter)  # served from this tier
-    misses: Counter[Tier] = field(default_factory=Counter)  # not in this tier: asked the next one
-    evictions: Counter[Tier] = field(default_factory=Counter)
-    load_seconds: dict[Tier, list[float]] = field(default_factory=dict)  # fetch + decode, by source
+    hits: Counter[Tier] = field(default_factory=_by_tier)  # served from this tier
+    misses: Counter[Tier] = field(default_factory=_by_tier)  # not in this tier: asked the next one
+    evictions: Counter[Tier] = field(default_factory=_by_tier)
+    load_failures: Counter[LoadFailure] = field(default_factory=lambda: Counter({reason: 0 for reason in LoadFailure}))
+    load_seconds: dict[Tier, list[float]] = field(default_factory=dict)  # fetch + decode, by source; the most recent
     resident_bytes: dict[Tier, int] = field(default_factory=dict)
 
 
@@ -68,8 +90,10 @@ class _InRam:
 
 
 class AdapterCache:
-    def __init__(self, engine: EngineAdapters, blobs: BlobStore, disk: DiskTier, ram_budget_bytes: int):
-        self.engine, self.blobs, self.disk, self.ram_budget = engine, blobs, disk, ram_budget_bytes
+    def __init__(self, engine: EngineAdapters, blobs: BlobStore, disk: DiskTier, ram_budget_bytes: int,
+                 on_load: Callable[[Tier, float], None] = lambda source, seconds: None):  # fmt: skip
+        """`on_load(source, seconds)`: every completed load (a server's metrics)."""
+        self.engine, self.blobs, self.disk, self.ram_budget, self.on_load = engine, blobs, disk, ram_budget_bytes, on_load
         self.ram: OrderedDict[str, _InRam] = OrderedDict()  # adapter ref -> entry, least recently used first
         self.stats = CacheStats()
         self._loading: dict[str, asyncio.Task] = {}
@@ -77,7 +101,7 @@ class AdapterCache:
 
     @property
     def ram_bytes(self) -> int:
-        return sum(e.nbytes for e in self.ram.values())
+        return sum(e.nbytes for e in tuple(self.ram.values()))  # tuple(): one step, safe while the event loop edits `ram`
 
     @asynccontextmanager
     async def lease(self, ref: str, sha256: str) -> AsyncIterator[None]:
@@ -136,10 +160,19 @@ class AdapterCache:
                 await asyncio.to_thread(self.engine.add_adapter, adapter)
             except ValueError as e:  # targets a module this engine does not adapt, or a rank no pool holds
                 raise AdapterValidationError(ref, [str(e)]) from None
-            self.stats.load_seconds.setdefault(source, []).append(time.perf_counter() - start)
+            self._loaded_in(source, time.perf_counter() - start)
             self.ram[ref] = _InRam(sha256, _nbytes(adapter))
+        except Exception as error:
+            self.stats.load_failures[LoadFailure.of(error, ref)] += 1
+            raise
         finally:
             del self._loading[ref]
+
+    def _loaded_in(self, source: Tier, seconds: float) -> None:
+        recent = self.stats.load_seconds.setdefault(source, [])
+        recent.append(seconds)
+        del recent[:-RECENT_LOADS]
+        self.on_load(source, seconds)
 
     async def _fetch(self, sha256: str) -> tuple[bytes, Tier]:
         """(the adapter file, the tier it came from). Files are read on threads; the counters are

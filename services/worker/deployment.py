@@ -21,11 +21,13 @@ from adapters_store.blobstore import open_blob_store
 from adapters_store.settings import Settings as StoreSettings
 from services.engine.async_engine import AsyncEngine
 from services.engine.engine import EngineLoad, StepStats
+from services.metrics_server import MetricsServer
 from services.protos import worker_pb2
 from services.worker.adapter_cache import AdapterCache, CacheStats
 from services.worker.disk_cache import DiskTier
 from services.worker.engine_setup import build_engine
 from services.worker.errors import status_for
+from services.worker.metrics import ReplicaMetrics
 from services.worker.settings import MiB, WorkerSettings
 from services.worker.translate import chunk, sampling_params
 
@@ -43,8 +45,11 @@ class WorkerReplica:
     def __init__(self, settings: WorkerSettings, store: StoreSettings):
         self.engine = AsyncEngine.build(lambda: build_engine(settings))
         self.stream_interval_s = settings.stream_interval_ms / 1000
+        self.metrics = ReplicaMetrics()
         disk = DiskTier(settings.disk_cache_dir, settings.disk_cache_mib * MiB)
-        self.cache = AdapterCache(self.engine, open_blob_store(store), disk, settings.ram_cache_mib * MiB)
+        self.cache = AdapterCache(self.engine, open_blob_store(store), disk, settings.ram_cache_mib * MiB, self.metrics.observe_load)
+        self.metrics.watch(self.engine, self.cache)
+        self.metrics_server = MetricsServer.start(self.metrics.registry, settings.metrics_host, settings.metrics_port, settings.num_replicas)
 
     async def Generate(self, request: worker_pb2.WorkerRequest, grpc_context) -> AsyncIterator[worker_pb2.WorkerChunk]:
         ref = request.adapter.ref
@@ -75,5 +80,9 @@ class WorkerReplica:
         """On the event loop, like the cache it reads (Ray runs plain methods on a thread pool)."""
         return ReplicaStats(self.engine.load(), self.engine.step_stats(reset_peaks), self.cache.snapshot())
 
+    async def metrics_port(self) -> int:
+        return self.metrics_server.port
+
     def __del__(self) -> None:
+        self.metrics_server.stop()
         self.engine.shutdown()

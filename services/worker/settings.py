@@ -47,6 +47,11 @@ class WorkerSettings(BaseSettings):
     disk_cache_mib: int = Field(4096, ge=1, description="adapter files kept on local disk")
     disk_cache_dir: Path = Field(default_factory=lambda: cache_root() / "worker-adapters")
 
+    # Prometheus (docs/metrics.md).
+    metrics_host: str = Field("127.0.0.1", description="where a replica serves /metrics (0.0.0.0 where Prometheus scrapes pods)")
+    metrics_port: int = Field(9466, ge=0, le=65535, description="a replica's /metrics; replicas sharing a node take the next "
+                              "free ports, up to metrics_port + num_replicas - 1 (0: any free port)")
+
     # Ray Serve.
     app_name: str = "worker"
     grpc_port: int = Field(9000, ge=1, le=65535, description="Ray Serve's gRPC proxy")

@@ -30,13 +30,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """One local Ray cluster for the whole session (starting one costs ~5 s)."""
+def ray_cluster() -> Iterator[int]:
+    """One local Ray cluster for the whole session (starting one costs ~5 s); yields the port of
+    Ray's own metrics endpoint."""
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
+    metrics_port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    yield metrics_port
     serve.shutdown()
     ray.shutdown()
 
@@ -53,8 +55,8 @@ def store_settings(redis_server, s3_server, tiny_model_dir) -> StoreSettings:
 def stack(ray_cluster, store_settings, tiny_model_dir, tmp_path_factory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("gateway")
     worker = WorkerSettings(model=str(tiny_model_dir), threads=1, kv_cache_mib=16, max_rank=8, slots_per_pool=4,
-                            disk_cache_dir=workdir / "disk-cache", grpc_port=free_port(), http_port=free_port())  # fmt: skip
+                            disk_cache_dir=workdir / "disk-cache", grpc_port=free_port(), http_port=free_port(), metrics_port=0)  # fmt: skip
     start_worker(worker, store_settings)
-    router = RouterThread(RouterSettings(listen="127.0.0.1:0", worker_address=f"127.0.0.1:{worker.grpc_port}"), store_settings)
+    router = RouterThread(RouterSettings(listen="127.0.0.1:0", metrics_port=0, worker_address=f"127.0.0.1:{worker.grpc_port}"), store_settings)
     yield Stack(router, AdapterStore.open(store_settings), worker, tiny_model_dir, workdir)
     router.stop()

@@ -78,7 +78,7 @@ def far(stack: Stack, store_settings: StoreSettings, s3_server, tmp_path_factory
     worker = stack.worker.model_copy(update={"app_name": APP, "disk_cache_dir": workdir / "disk-cache"})  # cold: a disk of its own
     serve.run(build_app(worker, store), name=APP, route_prefix=f"/{APP}")
     wait_routable(f"127.0.0.1:{worker.grpc_port}", APP, timeout_s=60)
-    router = RouterThread(RouterSettings(listen="127.0.0.1:0", worker_address=f"127.0.0.1:{worker.grpc_port}", worker_app=APP), store)
+    router = RouterThread(RouterSettings(listen="127.0.0.1:0", metrics_port=0, worker_address=f"127.0.0.1:{worker.grpc_port}", worker_app=APP), store)
     yield Stack(router, stack.store, worker, stack.model_dir, workdir)  # tenants are uploaded as for the session stack
     router.stop()
     serve.delete(APP)

@@ -127,7 +127,7 @@ def faults(stack: Stack, store_settings: StoreSettings, tmp_path_factory) -> Ite
 
 
 def router_settings(grpc_port: int, cache_ttl_s: float) -> RouterSettings:
-    return RouterSettings(listen="127.0.0.1:0", worker_address=f"127.0.0.1:{grpc_port}", worker_app=APP, cache_ttl_s=cache_ttl_s)
+    return RouterSettings(listen="127.0.0.1:0", metrics_port=0, worker_address=f"127.0.0.1:{grpc_port}", worker_app=APP, cache_ttl_s=cache_ttl_s)
 
 
 # ---- requests and polls ----------------------------------------------------------------------

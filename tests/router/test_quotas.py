@@ -9,8 +9,13 @@ import grpc
 import pytest
 
 from adapters_store.registry import Quota
-from services.router.errors import GatewayError
+from services.router.errors import QuotaExceeded
 from services.router.quotas import BURST_S, Quotas
+
+
+# what the message names -> the metrics' `limit` label (docs/metrics.md)
+LIMITS = {"requests per minute": "requests_per_minute", "generated tokens per minute": "tokens_per_minute",
+          "concurrent requests": "concurrent_requests"}  # fmt: skip
 
 
 class Clock:
@@ -43,9 +48,10 @@ def admit_once(quotas: Quotas, quota: Quota, tenant: str = "a", tokens: int = 0)
 
 
 def refusal(quotas: Quotas, quota: Quota, tenant: str = "a") -> str:
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(QuotaExceeded) as caught:
         admit_once(quotas, quota, tenant)
     assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.limit == next(label for words, label in LIMITS.items() if words in caught.value.message)
     return caught.value.message
 
 

@@ -13,86 +13,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from adapters_store.blobstore import S3BlobStore
 from adapters_store.errors import AdapterValidationError, BlobStoreUnavailable
-from adapters_store.format import encode_adapter, load_layer_adapters
 from adapters_store.settings import S3Settings
-from services.demo_adapters import synthetic_adapter
-from services.engine.adapter_format import AdapterKind
-from services.engine.async_engine import AsyncEngine
 from services.engine.sampling import SamplingParams
-from services.worker.adapter_cache import AdapterCache, Tier
-from services.worker.disk_cache import DiskTier
+from services.worker.adapter_cache import Tier
 from tests.adapters_store.helpers import BUCKET, free_port
-from tests.engine.engine_fixtures import make_engine, save_tiny_gpt_bigcode
 from tests.slow_link import SlowLink
-
-CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_gpt_bigcode(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture
-def engine(model_dir) -> Iterator[AsyncEngine]:
-    engine = AsyncEngine(make_engine(model_dir))
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture
-def blobs(s3_server) -> S3BlobStore:
-    """This test's own prefix in the session's moto S3."""
-    return S3BlobStore(BUCKET, unique_prefix(), S3Settings(endpoint_url=s3_server.endpoint, max_attempts=2, **CREDENTIALS))
-
-
-def unique_prefix() -> str:
-    return f"worker-{uuid.uuid4().hex[:12]}"
-
-
-class Adapters:
-    """Adapter files uploaded to a blob store: FLoRA rank 1 on c_attn, one per seed, all the same size."""
-
-    def __init__(self, model_dir: Path, blobs: S3BlobStore):
-        self.model_dir, self.blobs = model_dir, blobs
-
-    def data(self, seed: int, modules: tuple[str, ...] = ("attn.c_attn",)) -> bytes:
-        return encode_adapter(*synthetic_adapter(AdapterKind.FLORA, 1, modules, self.model_dir, "tiny", seed))
-
-    def upload(self, seed: int, modules: tuple[str, ...] = ("attn.c_attn",)) -> tuple[str, str]:
-        """(ref, sha256) of adapter `seed`, now in the blob store."""
-        data = self.data(seed, modules)
-        sha256 = hashlib.sha256(data).hexdigest()
-        self.blobs.put(data, sha256)
-        return f"tenant{seed}/default@1", sha256
-
-    @property
-    def decoded_bytes(self) -> int:
-        """What one adapter weighs in RAM: its decoded tensors' bytes (the RAM budget's unit)."""
-        _, weights = load_layer_adapters(self.data(0))
-        return sum(t.numel() * t.element_size() for w in weights.values() for t in (w.a, w.b))
-
-
-@pytest.fixture
-def adapters(model_dir, blobs) -> Adapters:
-    return Adapters(model_dir, blobs)
-
-
-def make_cache(engine: AsyncEngine, blobs, adapters: Adapters, tmp_path: Path, ram_adapters: float) -> AdapterCache:
-    """A cache whose RAM holds `ram_adapters` adapters; the disk holds plenty."""
-    return AdapterCache(engine, blobs, DiskTier(tmp_path / "disk", 1 << 20), int(ram_adapters * adapters.decoded_bytes))
-
-
-def registered(engine: AsyncEngine, ref: str) -> bool:
-    return engine.engine.adapters.is_registered(ref)
+from tests.worker.helpers import CREDENTIALS, make_cache, registered, unique_prefix
 
 
 def test_cold_adapter_comes_from_the_blob_store_then_disk_then_ram(engine, blobs, adapters, tmp_path):
