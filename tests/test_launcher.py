@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,6 +249,15 @@ def test_the_printed_command_works_for_every_demo_tenant(first_run: Launch, stat
         texts[name] = done.stdout
         assert done.stdout.strip(), f"{name}: no text"
     assert len(set(texts.values())) == 4  # each tenant is served by its own adapter (or none)
+
+
+def test_the_printed_metrics_endpoints_serve_the_router_worker_and_ray_series(first_run: Launch, state: State):
+    urls = re.findall(r"http://\S+/metrics", first_run.printed("metrics"))
+    assert [int(url.split(":")[2].split("/")[0]) for url in urls] == [state.ports[p] for p in ("metrics", "worker_metrics", "ray_metrics")]
+    bodies = [urllib.request.urlopen(url, timeout=10).read().decode() for url in urls]
+    assert "# TYPE flora_requests_total counter" in bodies[0] and "process_resident_memory_bytes" in bodies[0]
+    assert "flora_engine_kv_cache_blocks_capacity " in bodies[1] and 'flora_adapter_cache_hits_total{tier="blob"}' in bodies[1]
+    assert "ray_" in bodies[2]
 
 
 def test_the_keys_file_is_private(first_run: Launch, state: State):
