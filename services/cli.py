@@ -16,6 +16,7 @@ BENCHMARKS = {
     "throughput": "the engine on SmolLM2-135M, 32 concurrent requests, with and without adapters",
     "figure2": "the paper's figure 2: throughput and latency vs rank on a StarCoder-1B-shaped model",
     "gateway": "the whole gateway (router, Ray Serve, worker) against the engine alone, same workload, same run",
+    "soak": "the `make run` stack under Locust at a fixed rate for minutes (8 req/s, 10 min): latency, tokens/s, memory",
 }
 
 
