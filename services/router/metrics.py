@@ -58,7 +58,7 @@ class RouterMetrics:
         r = self.registry
         self.requests = Counter("flora_requests", "Finished requests by gRPC status code", ["tenant", "method", "code"], registry=r)
         self.rate_limited = Counter("flora_rate_limited_requests", "Requests refused by a tenant quota", ["tenant", "limit"], registry=r)
-        self.in_flight = Gauge("flora_requests_in_flight", "Admitted requests not finished yet", ["tenant"], registry=r)
+        self.in_flight = Gauge("flora_requests_in_flight", "Authorized requests not finished yet", ["tenant"], registry=r)
         self.duration = Histogram("flora_request_duration_seconds", "End-to-end latency of successful requests, at the router",
                                   ["tenant", "method"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.ttft = Histogram("flora_time_to_first_token_seconds", "Arrival at the router to the first generated token leaving it",

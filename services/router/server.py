@@ -13,10 +13,10 @@ from grpc_reflection.v1alpha import reflection
 
 from adapters_store.registry import Registry
 from adapters_store.settings import Settings as StoreSettings
+from services.metrics_server import MetricsServer, host_port
 from services.protos import gateway_pb2, gateway_pb2_grpc
 from services.router.backend import WorkerBackend
 from services.router.changes import ChangeListener
-from services.metrics_server import MetricsServer, host_port
 from services.router.gateway import Gateway
 from services.router.metrics import RouterMetrics
 from services.router.servicer import GatewayServicer
