@@ -185,7 +185,8 @@ def observed(stack: Stack, ray_cluster: int, tmp_path_factory) -> Iterator[Obser
         seen = traffic(stub, [*named, fourth], named[0], url)
         total = sum(sum(s.codes.values()) for s in seen.values()) + 1  # + the bad key
         wait_for(url, "sum(flora_requests_total)", total)
-        wait_for(url, "count(tenant:flora_request_duration_seconds:p99_1m > 0)", 4)  # the rules have run on it: 3 named + other
+        for rule in ("tenant:flora_request_duration_seconds:p99_1m", "tenant:flora_generated_tokens:rate1m"):
+            wait_for(url, f"count({rule} > 0)", 4)  # each rule group has run on the last scrape: 3 named + other
         yield Observed(url, [*named, fourth], seen, {job: f"http://{target}/metrics" for job, target in endpoints.items()})
     finally:
         prometheus.terminate()
