@@ -101,6 +101,17 @@ def end_leftovers(grace_s: float = 5.0, timeout_s: float = 15.0) -> None:
 # ---- redis-server -----------------------------------------------------------------------------------
 
 
+def terminate(proc: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout_s`; a no-op once it has exited."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class RedisProcess:
     proc: subprocess.Popen
@@ -109,13 +120,7 @@ class RedisProcess:
 
     def stop(self) -> None:
         """SIGTERM: redis-server flushes its append-only file and exits."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout_s=15)
 
     def last_log_line(self) -> str:
         try:

@@ -32,13 +32,14 @@ class MetricsServer:
     def start(cls, registry: CollectorRegistry, host: str, port: int, tries: int = 1) -> MetricsServer:
         """Serve on the first free port of port, port + 1, ... (`tries` of them): replicas that share a
         node take consecutive ports, and a replaced replica takes its predecessor's."""
-        for candidate in range(port, port + tries):
+        candidate = port
+        while True:
             try:
                 return cls(*start_http_server(candidate, addr=host, registry=registry))
             except OSError as error:
-                if error.errno != errno.EADDRINUSE or candidate == port + tries - 1 or port == 0:
+                if error.errno != errno.EADDRINUSE or port == 0 or candidate >= port + tries - 1:
                     raise OSError(error.errno, f"cannot serve metrics on {host}:{candidate}: {error.strerror}") from None
-        raise ValueError(f"tries must be >= 1, got {tries}")
+                candidate += 1
 
     @property
     def port(self) -> int:

@@ -396,7 +396,7 @@ def adapter_cache_panels() -> list[dict]:
         timeseries("Adapter cache evictions/s by tier", [
             Target(sum_rate("flora_adapter_cache_evictions_total", by=("tier",)), "{{tier}}"),
         ], "short", axis_label="evictions/s", description="Adapters evicted from ram or disk under their byte "
-           "budgets. Empty until a budget first overflows."),
+           "budgets: 0 until a budget first overflows."),
         timeseries("Adapter cache hit ratio by tier", [
             # Every adapter request ends in exactly one hit, so each tier's share of hits is
             # the share of requests it served: ram's is the in-memory hit ratio.

@@ -100,6 +100,7 @@ class RequestTracker:
     def authorized(self, tenant: str) -> None:
         self.tenant = self.metrics.label(tenant)
         self.metrics.in_flight.labels(self.tenant).inc()
+        self._generated = self.metrics.generated_tokens.labels(self.tenant)  # looked up once, counted per chunk
 
     def chunk(self, chunk: worker_pb2.WorkerChunk) -> None:
         if not chunk.token_ids:
@@ -107,7 +108,7 @@ class RequestTracker:
         now = time.perf_counter()
         self.first_token_at = self.first_token_at or now
         self.last_token_at = now
-        self.metrics.generated_tokens.labels(self.tenant).inc(chunk.completion_tokens - self.generated_tokens)
+        self._generated.inc(chunk.completion_tokens - self.generated_tokens)
         self.prompt_tokens, self.generated_tokens = chunk.prompt_tokens, chunk.completion_tokens
 
     def failed(self, error: GatewayError) -> None:

@@ -31,7 +31,6 @@ class Router:
     gateway: Gateway
     listener: ChangeListener
     port: int
-    metrics: RouterMetrics
     metrics_server: MetricsServer
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -62,7 +61,7 @@ async def start_router(settings: RouterSettings, store: StoreSettings) -> Router
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Router(server, gateway, listener, port, metrics, metrics_server)
+    return Router(server, gateway, listener, port, metrics_server)
 
 
 class RouterThread:

@@ -18,6 +18,7 @@ from adapters_store import cli
 from adapters_store.format import encode_adapter
 from services.engine.adapter_format import AdapterKind, AdapterSpec, tensor_names
 from services.engine.model_shapes import module_shapes
+from services.local_processes import terminate
 
 BASE_MODEL_ID = "test/tiny-gptbigcode"
 # A 2-layer multi-query GPTBigCode: c_attn is 64 -> 64 + 2·16 = 96, c_fc 64 -> 256.
@@ -155,10 +156,4 @@ def start_redis(workdir: Path, *options: str, port: int | None = None) -> RedisS
 
 
 def stop_redis(server: RedisServer) -> None:
-    if server.proc.poll() is None:
-        server.proc.terminate()
-        try:
-            server.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
+    terminate(server.proc, timeout_s=10)
